@@ -245,7 +245,7 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def print_rows(cols: list[str], rows: list[Sequence[Any]], fmt: str, out: IO[str]) -> None:
+def print_rows(cols: list[str], rows: Sequence[Sequence[Any]], fmt: str, out: IO[str]) -> None:
     if fmt == "json":
         for r in rows:
             out.write(json.dumps(dict(zip(cols, r, strict=False)), default=str) + "\n")
@@ -328,6 +328,12 @@ def _parse_duration(text: str) -> float:
         ) from None
 
 
+def _scenarios(text: str | None) -> str | list[str]:
+    if not text or text.strip() in ("none", "all"):
+        return (text or "none").strip()
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from ingest import simulator
 
@@ -335,7 +341,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     kw: dict[str, Any] = {
         "seed": args.seed, "duration_s": args.duration, "n_consumers": args.consumers,
         "profile": args.profile, "rate_scale": args.rate_scale,
-        "scenarios": args.scenarios.split(",") if args.scenarios else ["none"],
+        "scenarios": _scenarios(args.scenarios),
     }
     if start is not None:
         kw["start"] = start.astimezone(UTC)

@@ -241,16 +241,17 @@ def _truncate(raw: bytes | str, limit: int = 4096) -> str:
 def classify_validation_error(exc: ValidationError) -> tuple[str, str]:
     """Map pydantic's first error to one of :data:`REJECT_REASONS`."""
     errs = exc.errors(include_url=False)
-    first = errs[0] if errs else {"type": "value_error", "loc": (), "msg": str(exc)}
-    loc = ".".join(str(p) for p in first.get("loc", ()))
-    typ = first.get("type", "")
-    msg = first.get("msg", "")
+    if errs:
+        loc = ".".join(str(p) for p in errs[0]["loc"])
+        typ, msg = errs[0]["type"], errs[0]["msg"]
+    else:
+        loc, typ, msg = "", "value_error", str(exc)
     detail = f"{loc}: {msg}" if loc else msg
     if len(errs) > 1:
         detail += f" (and {len(errs) - 1} more)"
     if typ == "missing":
         return "missing_field", detail
-    if "labels" in loc and "at most" in msg:
+    if loc == "labels" and f"at most {MAX_LABELS} labels" in msg:
         return "too_many_labels", detail
     if typ.endswith("_type") or typ.endswith("_parsing") or typ in ("model_type", "dict_type"):
         return "invalid_type", detail

@@ -230,7 +230,7 @@ class Pipeline:
         result.duplicates = wr.duplicates
         result.findings = len(findings)
         if per_message and wr.duplicates:
-            self._mark_duplicates(result, wr.duplicate_ids)
+            self._mark_duplicates(result, set(wr.duplicate_ids))
         for p in by_partition:
             self._maybe_snapshot(p)
         if findings and self.on_findings is not None:
@@ -245,10 +245,15 @@ class Pipeline:
 
     @staticmethod
     def _mark_duplicates(result: BatchResult, dup_ids: set[str]) -> None:
-        result.per_message = [
-            ("duplicate", eid, None) if s == "accepted" and eid in dup_ids else (s, eid, r)
-            for s, eid, r in result.per_message
-        ]
+        """Already stored, or a repeat inside this batch: "duplicate"."""
+        out = []
+        for s, eid, r in result.per_message:
+            if s == "accepted" and eid is not None:
+                if eid in dup_ids:
+                    s = "duplicate"
+                dup_ids.add(eid)  # later copies in this batch are duplicates
+            out.append((s, eid, r))
+        result.per_message = out
 
     def _detect(self, by_partition: dict[int | None, list[UsageEvent]]) -> list[Finding]:
         out: list[Finding] = []

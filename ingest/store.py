@@ -91,6 +91,13 @@ class EmbeddedBackend:
         key = os.path.realpath(path)
         with _EMBEDDED_LOCK:
             be = _EMBEDDED.get(key)
+            if be is None and _EMBEDDED:
+                other = next(iter(_EMBEDDED))
+                raise RuntimeError(
+                    f"this process already uses the embedded ClickHouse in {other}; the "
+                    f"embedded engine binds one data folder per process, so {key} cannot be "
+                    "opened too (use one --data-dir, or a ClickHouse server)"
+                )
             if be is None:
                 be = cls(key)
                 _EMBEDDED[key] = be
@@ -318,7 +325,7 @@ class Store:
 
     def _write_rejected(self, rejected: Sequence[RejectedRow]) -> None:
         now = datetime.now(UTC)
-        rows = {}
+        rows: dict[tuple[str, str, int], RejectedRow] = {}
         for r in rejected:
             h = int.from_bytes(hashlib.blake2b(r.raw.encode(), digest_size=8).digest(), "little")
             rows.setdefault((r.source, r.position, h), r)

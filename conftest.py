@@ -1,0 +1,32 @@
+"""Fixtures shared by every test.
+
+The embedded ClickHouse engine binds ONE data folder per process, so all
+in-process tests share one folder (``chdb_dir``); the ``store`` fixture empties
+the tables before each test so tests stay independent.  Tests that need their
+own folder run ``tokenward`` in a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+TABLES = ("usage_events", "usage_1m", "findings", "blocks", "rejected_events", "detector_state")
+
+
+@pytest.fixture(scope="session")
+def chdb_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    # A server run (TOKENWARD_TEST_CLICKHOUSE_URL) shares all SQL with this path.
+    return str(tmp_path_factory.mktemp("chdb"))
+
+
+@pytest.fixture
+def store(chdb_dir: str):
+    from ingest.store import open_store
+
+    url = os.environ.get("TOKENWARD_TEST_CLICKHOUSE_URL")
+    st = open_store(chdb_dir, url)
+    for t in TABLES:
+        st.backend.command(f"TRUNCATE TABLE IF EXISTS tokenward.{t}")
+    yield st
