@@ -147,12 +147,13 @@ def iter_file_messages(paths: Sequence[str], fmt: str | None) -> Iterator[Any]:
     from ingest.source import RawMessage
 
     for path in paths:
+        name = os.path.basename(path)
         with _open_text(path) as fh:
             for lineno, line in enumerate(fh, 1):
                 line = line.strip()
                 if not line:
                     continue
-                yield RawMessage(line, "file", f"{os.path.basename(path)}:{lineno}", fmt=fmt)
+                yield RawMessage(line, "file", f"{name}:{lineno}", fmt=fmt)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:

@@ -131,6 +131,8 @@ class UsageEvent(BaseModel):
         if not isinstance(data, dict):
             return data
         data = _fold_unknown_fields(data)
+        if "reasoning_tokens" not in data and "cached_input_tokens" not in data:
+            return data
         notes = []
         try:
             out = int(data.get("output_tokens") or 0)
@@ -151,6 +153,13 @@ class UsageEvent(BaseModel):
             data = {**data, "labels": labels}
         return data
 
+    def with_cost(self, cost: float) -> UsageEvent:
+        """This event with its computed cost.  Set in place: the pipeline calls
+        it right after parsing, before the event is shared with anything, and
+        a full ``model_copy`` per event costs more than the parse itself."""
+        self.__dict__["cost"] = cost
+        return self
+
     @property
     def failed(self) -> bool:
         """A call that did not give the caller a usable answer."""
@@ -167,9 +176,9 @@ def _fold_unknown_fields(data: dict[str, Any]) -> dict[str, Any]:
     Gateways add fields of their own; DESIGN.md promises those are never
     fatal.  Nested objects are dropped: labels are flat strings.
     """
-    extra = [k for k in data if k not in _KNOWN_FIELDS]
-    if not extra:
+    if data.keys() <= _KNOWN_FIELDS:  # the common case, one C-level set test
         return data
+    extra = [k for k in data if k not in _KNOWN_FIELDS]
     labels = data.get("labels") or {}
     if not isinstance(labels, dict):
         return {k: v for k, v in data.items() if k in _KNOWN_FIELDS}

@@ -206,7 +206,7 @@ class Pipeline:
                 if source == "unknown_model" and self.metrics is not None:
                     self.metrics.unknown_model(ev.model)
                 if ev.cost is None or source != "gateway":
-                    ev = ev.model_copy(update={"cost": cost})
+                    ev = ev.with_cost(cost)
             elif ev.cost is None:
                 source = "unpriced"
             stored.append(StoredEvent(ev, source, msg.source, msg.position))
