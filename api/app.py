@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
+from api.auth import require
 from api.service import Service
 from ingest.source import RawMessage, StorageError
 
@@ -68,6 +69,7 @@ def _split_body(body: bytes, content_type: str) -> list[bytes] | str:
     "/v1/events",
     response_model=IngestResponse,
     summary="Ingest usage events (JSON array, one object, or NDJSON)",
+    dependencies=[Depends(require("ingest"))],
     responses={413: {"description": "body too large"}, 503: {"description": "store down"}},
 )
 async def post_events(request: Request, svc: ServiceDep, format: str | None = None) -> Any:

@@ -7,6 +7,7 @@ defaults; they are read here, once, and passed down.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gzip
 import io
@@ -15,7 +16,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -387,8 +387,10 @@ class _FileSink(_EventSink):
     def __init__(self, path: str | None) -> None:
         self.own = bool(path and path != "-")
         if self.own and path:
-            self.fh: IO[str] = (gzip.open(path, "wt") if path.endswith(".gz")  # type: ignore
-                                else open(path, "w"))
+            self.fh: IO[str] = (
+                gzip.open(path, "wt") if path.endswith(".gz")  # noqa: SIM115
+                else open(path, "w")  # noqa: SIM115
+            )
         else:
             self.fh = sys.stdout
 
@@ -589,8 +591,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
 
+    from api import demo
+
+    demo.register(sub, _storage_flags, _config_flags, _settings)
     try:
-        from api import commands  # demo, block, unblock (alerting layer)
+        from api import commands  # block, unblock, token-hash (alerting layer)
     except ImportError:
         commands = None  # type: ignore[assignment]
     if commands is not None:
@@ -606,10 +611,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        try:
-            sys.stdout = io.TextIOWrapper(open(os.devnull, "wb"))
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            sys.stdout = io.TextIOWrapper(open(os.devnull, "wb"))  # noqa: SIM115
         return 0
 
 

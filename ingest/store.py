@@ -515,10 +515,7 @@ def open_store(data_dir: str | None = None, url: str | None = None) -> Store:
     """Open (and create the schema of) the configured store: a server when
     ``url`` is given, else the embedded engine in ``data_dir``."""
     backend: Backend
-    if url:
-        backend = ServerBackend(url)
-    else:
-        backend = EmbeddedBackend.open(data_dir or "./tokenward-data")
+    backend = ServerBackend(url) if url else EmbeddedBackend.open(data_dir or "./tokenward-data")
     store = Store(backend)
     store.ensure_schema()
     return store
