@@ -46,6 +46,22 @@ class Metrics:
         self.lag = Gauge("tokenward_consumer_lag", "Kafka consumer lag (messages)",
                          ["partition"], registry=r)
         self._known_models: set[str] = set()
+        # --- alerting (alerting/: sinks, policy) -- begin ---------------------------
+        self.alert_sink_failures = Counter(
+            "tokenward_alert_sink_failures", "Failed delivery attempts per alert sink",
+            ["sink"], registry=r)
+        self.alerts_sent = Counter(
+            "tokenward_alerts_sent", "Alert notifications delivered, per sink and event "
+            "(firing, updated, resolved, resend)", ["sink", "state"], registry=r)
+        self.alerts_dropped = Counter(
+            "tokenward_alerts_dropped", "Alert notifications dropped (queue_full, "
+            "retries_exhausted, rejected, shutdown)", ["sink", "reason"], registry=r)
+        self.alert_queue = Gauge("tokenward_alert_queue_depth",
+                                 "Batches waiting in an alert sink's queue", ["sink"], registry=r)
+        self.policy_decisions = Counter(
+            "tokenward_policy_decisions", "Policy decisions per finding revision (alert, block, "
+            "would_block, none, stale, resolved)", ["kind", "decision"], registry=r)
+        # --- alerting -- end -------------------------------------------------------
 
     # PipelineMetrics
     def batch(self, source: str, seconds: float, result: BatchResult) -> None:
@@ -77,6 +93,23 @@ class Metrics:
             else:
                 self.finding_updates.labels(f.kind, f.status).inc()
 
+    # --- alerting hooks (alerting.sinks.AlertMetrics) -- begin ----------------------
+    def alert_sent(self, sink: str, state: str, n: int = 1) -> None:
+        self.alerts_sent.labels(sink, state).inc(n)
+
+    def alert_sink_failure(self, sink: str) -> None:
+        self.alert_sink_failures.labels(sink).inc()
+
+    def alert_dropped(self, sink: str, reason: str, n: int = 1) -> None:
+        self.alerts_dropped.labels(sink, reason).inc(n)
+
+    def alert_queue_depth(self, sink: str, depth: int) -> None:
+        self.alert_queue.labels(sink).set(depth)
+
+    def policy_decision(self, kind: str, decision: str) -> None:
+        self.policy_decisions.labels(kind, decision).inc()
+    # --- alerting hooks -- end ------------------------------------------------------
+
     # Kafka source hooks
     def on_dead_letter(self, reason: str) -> None:
         self.dead_letters.labels(reason).inc()
@@ -92,7 +125,10 @@ class Metrics:
         if fn is None:
             return
         try:
-            for p, n in fn().items():
-                self.lag.labels(str(p)).set(n)
+            lags = fn()
         except Exception:
-            pass
+            return
+        # Partitions given away in a rebalance must not keep reporting old lag.
+        self.lag.clear()
+        for p, n in lags.items():
+            self.lag.labels(str(p)).set(n)
