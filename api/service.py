@@ -125,6 +125,7 @@ def build_service(
         metrics=metrics,
         config=PipelineConfig(detect=detect),
         state_scope=state_scope,
+        observers=[alerting] if alerting is not None and alerting.budgets.enabled else [],
     )
     svc = Service(settings=settings, store=store, metrics=metrics, pipeline=pipeline,
                   alerting=alerting)

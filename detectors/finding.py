@@ -38,7 +38,8 @@ Kind = Literal[
 ]
 KINDS: tuple[str, ...] = Kind.__args__  # type: ignore[attr-defined]
 Severity = Literal["info", "warning", "critical"]
-Scope = Literal["consumer", "user", "model", "session"]
+# "tenant": budget findings for a whole tenant (alerting/budget.py)
+Scope = Literal["consumer", "user", "model", "session", "tenant"]
 Action = Literal["alert", "block", "none"]
 Status = Literal["firing", "resolved"]
 

@@ -57,6 +57,17 @@ class PipelineMetrics(Protocol):
 
 
 FindingSink = Callable[[Sequence[Finding]], None]
+
+
+class StoredEventObserver(Protocol):
+    """Sees every event exactly once, after it is stored (budgets count spend:
+    a re-delivered or replayed event must not be counted twice)."""
+
+    def observe_events(self, events: Sequence[UsageEvent]) -> list[Finding]: ...
+
+    def advance(self, now: datetime) -> list[Finding]: ...
+
+
 EngineFactory = Callable[[bytes | None], Detector]
 
 
@@ -66,6 +77,16 @@ class PipelineConfig:
     snapshot_every_s: float = 300.0
     # Per-message outcome lists are only built when a caller (HTTP) asks.
     detect: bool = True
+
+
+def _first_copies(events: list[UsageEvent]) -> list[UsageEvent]:
+    seen: set[str] = set()
+    out = []
+    for e in events:
+        if e.event_id not in seen:
+            seen.add(e.event_id)
+            out.append(e)
+    return out
 
 
 def _parse(msg: RawMessage) -> Any:
@@ -96,6 +117,7 @@ class Pipeline:
         metrics: PipelineMetrics | None = None,
         config: PipelineConfig | None = None,
         state_scope: str | None = "default",
+        observers: Sequence[StoredEventObserver] = (),
     ) -> None:
         self.store = store
         self.prices = prices
@@ -104,6 +126,7 @@ class Pipeline:
         self.metrics = metrics
         self.config = config or PipelineConfig()
         self.state_scope = state_scope
+        self.observers = list(observers)
         self._engines: dict[int | None, Detector] = {}
         self._snapshot_at: dict[int | None, datetime] = {}
         self._offsets: dict[int | None, int] = {}
@@ -226,6 +249,11 @@ class Pipeline:
             raise
         self._retry_ids.clear()
         self._pending = []
+        if self.observers and wr.stored:
+            fresh = [se.event for se in stored if se.event.event_id not in wr.duplicate_ids]
+            extra = self._observe_stored(_first_copies(fresh))
+            if extra:
+                findings = findings + extra
         result.accepted = wr.stored
         result.duplicates = wr.duplicates
         result.findings = len(findings)
@@ -254,6 +282,22 @@ class Pipeline:
                 dup_ids.add(eid)  # later copies in this batch are duplicates
             out.append((s, eid, r))
         result.per_message = out
+
+    def _observe_stored(self, events: list[UsageEvent]) -> list[Finding]:
+        out: list[Finding] = []
+        for obs in self.observers:
+            try:
+                out.extend(obs.observe_events(events))
+            except Exception:
+                log.exception("stored-event observer failed")
+        if out:
+            try:
+                self.store.write([], [], out)
+            except StorageError:
+                # The events are stored; their budget findings are retried with
+                # the next batch rather than failing (and re-counting) this one.
+                self._pending.extend(out)
+        return out
 
     def _detect(self, by_partition: dict[int | None, list[UsageEvent]]) -> list[Finding]:
         out: list[Finding] = []
@@ -293,6 +337,8 @@ class Pipeline:
         with self._lock:
             for eng in self._engines.values():
                 out.extend(eng.advance(now))
+            for obs in self.observers:
+                out.extend(obs.advance(now))
             if out:
                 self.store.write([], [], out)
         if out and self.on_findings is not None:
