@@ -128,9 +128,13 @@ def cmd_demo(args: argparse.Namespace, settings_fn: Callable[[argparse.Namespace
                 key = (e.scope, e.value)
                 if key not in seen_blocks:
                     seen_blocks.add(key)
-                    until = getattr(e, "expires_at", None)
-                    printer.line(f"           BLOCKED {e.scope}={e.value} until {until} "
-                                 f"({e.reason})", "critical")
+                    exp = getattr(e, "expires_at", None)
+                    until = "until unblocked"
+                    if exp is not None:
+                        wall = datetime.fromtimestamp(exp, UTC)
+                        until = f"until {wall:%H:%M:%S} UTC (wall clock)"
+                    printer.line(f"           BLOCKED {e.scope}={e.value} {until}: {e.reason}",
+                                 "critical")
             current = {(e.scope, e.value) for e in blocklist.entries()}
             for key in list(seen_blocks - current):
                 seen_blocks.discard(key)
