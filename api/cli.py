@@ -607,7 +607,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        if "chdb" in sys.modules and argv is None:
+            # Everything is stored and closed; chdb 4.4 can crash in its own
+            # teardown threads at interpreter exit, so leave without it.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

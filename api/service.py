@@ -44,7 +44,7 @@ def build_prices(settings: Settings) -> Any:
 
 def build_engine_factory(settings: Settings) -> EngineFactory | None:
     try:
-        from detectors.engine import DetectorConfig, Engine
+        from detectors import DetectorConfig, Engine
     except ImportError:  # pragma: no cover
         return None
     raw = read_toml(settings.detectors_file, "detectors")

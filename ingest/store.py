@@ -71,16 +71,21 @@ class EmbeddedBackend:
 
         self.path = path
         Path(path).mkdir(parents=True, exist_ok=True)
+        locked = DataDirLocked(
+            f"the data folder {path} is in use by another tokenward process "
+            "(the embedded ClickHouse allows one process per folder). Stop it, use "
+            "another --data-dir, or query the running service: "
+            "tokenward sql --api http://HOST:PORT ..."
+        )
+        # chdb's own error for this case does not say why ("Error initializing
+        # EmbeddedServer"), so test the engine's lock on its status file first.
+        if _folder_locked(Path(path) / "status"):
+            raise locked
         try:
             self._session = session.Session(path)
         except Exception as exc:  # chdb raises a bare RuntimeError/ChdbError
-            if "lock" in str(exc).lower():
-                raise DataDirLocked(
-                    f"the data folder {path} is in use by another tokenward process "
-                    "(the embedded ClickHouse allows one process per folder). Stop it, use "
-                    "another --data-dir, or query the running service: "
-                    "tokenward sql --api http://HOST:PORT ..."
-                ) from exc
+            if "lock" in str(exc).lower() or _folder_locked(Path(path) / "status"):
+                raise locked from exc
             raise
         # chdb's session is not documented as thread-safe for concurrent queries;
         # the API and the consumer share it, so calls are serialised.
@@ -169,6 +174,23 @@ class ServerBackend:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _folder_locked(status: Path) -> bool:
+    import fcntl
+
+    if not status.exists():
+        return False
+    try:
+        with open(status, "rb") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    except OSError:
+        return False
+    return False
 
 
 def _with_readonly(sql: str) -> str:
