@@ -43,6 +43,11 @@ class Metrics:
         self.kafka_retries = Counter("tokenward_kafka_batch_retries",
                                      "Kafka batches re-delivered after a storage failure",
                                      registry=r)
+        self.kafka_tombstones = Counter("tokenward_kafka_tombstones",
+                                        "Kafka messages without a value (skipped)", registry=r)
+        self.kafka_commit_failures = Counter("tokenward_kafka_commit_failures",
+                                             "Offset commits that failed (batch re-delivered)",
+                                             registry=r)
         self.lag = Gauge("tokenward_consumer_lag", "Kafka consumer lag (messages)",
                          ["partition"], registry=r)
         self._known_models: set[str] = set()
@@ -116,6 +121,12 @@ class Metrics:
 
     def on_retry(self) -> None:
         self.kafka_retries.inc()
+
+    def on_tombstone(self) -> None:
+        self.kafka_tombstones.inc()
+
+    def on_commit_failed(self) -> None:
+        self.kafka_commit_failures.inc()
 
     def watch_lag(self, lag_fn: Callable[[], dict[int, int]]) -> None:
         self._lag_fn = lag_fn
