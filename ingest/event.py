@@ -294,6 +294,11 @@ def parse_event(raw: bytes | str) -> ParseResult:
     if size > MAX_EVENT_BYTES:
         return Rejected("too_large", f"{size} bytes > {MAX_EVENT_BYTES}", _truncate(raw))
     try:
+        # The common case in one step: pydantic-core parses and validates.
+        return Accepted(UsageEvent.model_validate_json(raw))
+    except ValidationError:
+        pass  # the slower path below names the precise reason
+    try:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         return Rejected("invalid_json", str(exc)[:200], _truncate(raw))
