@@ -1,0 +1,106 @@
+"""Detector cost: microseconds per event and bytes per tracked consumer.
+
+    python bench/detectors_bench.py [--hours 1] [--consumers 300] [--runs 5] [--big 100000]
+
+us/event: ``Engine.observe`` (plus ``advance`` every 500 events) over
+realistic simulated traffic (``ingest.simulator``), events validated and
+priced beforehand; the median of ``--runs`` runs.
+bytes/consumer: ``--big`` consumers, each sending a few calls over a few
+minutes (so every per-consumer structure exists: minute baselines, per-model
+call sizes, failure counters); measured as RSS growth (includes river's Rust
+objects, which tracemalloc does not see), tracemalloc and snapshot size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+import tracemalloc
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from detectors import Engine
+from ingest.event import UsageEvent
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def per_event(hours: float, consumers: int, runs: int) -> tuple[float, int]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from evaluate_detectors import load
+    evs, _, _ = load("sim", 1, hours, consumers, cache=True)
+    times = []
+    for _ in range(runs):
+        eng = Engine()
+        gc.collect()
+        t0 = time.perf_counter()
+        mx = evs[0].ts
+        for i, ev in enumerate(evs):
+            eng.observe(ev)
+            if ev.ts > mx:
+                mx = ev.ts
+            if i % 500 == 499:
+                eng.advance(mx)
+        times.append((time.perf_counter() - t0) / len(evs) * 1e6)
+    return statistics.median(times), len(evs)
+
+
+def per_consumer(n: int) -> tuple[float, float, float]:
+    t0 = datetime(2026, 1, 5, tzinfo=UTC)
+    models = ("gpt-4o", "gpt-4o-mini", "o3-mini")
+    evs = []
+    for c in range(n):
+        for k in range(4):
+            evs.append(UsageEvent(event_id=f"e{c}-{k}", ts=t0 + timedelta(seconds=k * 70 + c % 60),
+                                  consumer=f"consumer-{c:06d}", model=models[c % 3], status=200,
+                                  input_tokens=800, output_tokens=200,
+                                  reasoning_tokens=120 if c % 3 == 2 else 0, latency_ms=3000.0,
+                                  request_hash=f"h{c}-{k}"))
+    evs.sort(key=lambda e: e.ts)
+    gc.collect()
+    r0 = rss()
+    eng = Engine()
+    for ev in evs:
+        eng.observe(ev)
+    gc.collect()
+    r1 = rss()
+    assert eng.tracked_consumers() == n
+    snap = len(eng.snapshot())
+    del eng
+    gc.collect()
+    tracemalloc.start()
+    m0 = tracemalloc.get_traced_memory()[0]
+    eng = Engine()
+    for ev in evs:
+        eng.observe(ev)
+    m1 = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return (r1 - r0) / n, (m1 - m0) / n, snap / n
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hours", type=float, default=1.0)
+    ap.add_argument("--consumers", type=int, default=300)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--big", type=int, default=100_000)
+    a = ap.parse_args()
+    us, n = per_event(a.hours, a.consumers, a.runs)
+    print(f"detectors: {us:.2f} us/event (median of {a.runs} runs over {n} simulated events, "
+          f"{a.consumers} consumers, {a.hours} h)")
+    r, t, s = per_consumer(a.big)
+    print(f"state at {a.big} consumers: {r:.0f} bytes/consumer (RSS growth), "
+          f"{t:.0f} (tracemalloc, Python objects only), {s:.0f} (snapshot)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

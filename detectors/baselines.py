@@ -1,0 +1,158 @@
+"""Online baselines: small, pure, I/O-free statistics keyed by the engine.
+
+* :class:`MinuteSeries` -- exponentially weighted mean and variance of a
+  per-minute total (tokens, cost), built on river's ``EWMean``/``EWVar``.
+  Empty minutes are fed as zeros, so a bursty consumer's baseline carries the
+  variance of its bursts and silences.
+* :class:`EW` -- the same recursion as river's ``EWVar`` in two floats, for
+  places where a river object per key would not fit the memory budget.
+* :class:`LogBaseline` -- per (consumer, model) log-scale EW mean/variance and
+  a slowly decaying maximum, for the size of one call.
+* :func:`binom_surprise` -- the Chernoff bound of a one-sided binomial test.
+
+>>> s = MinuteSeries(halflife_min=60)
+>>> for x in (100, 120, 80, 100):
+...     s.update(x)
+>>> round(s.mean), s.sd() > 0
+(100, True)
+>>> s.fill_zeros(60); round(s.mean)
+50
+>>> e = EW(10.0); e.update(20.0, 0.5); (e.mean, e.var)
+(15.0, 25.0)
+>>> binom_surprise(20, 40, 0.02) > 16, binom_surprise(0.5, 40, 0.02)
+(True, 0.0)
+"""
+
+from __future__ import annotations
+
+import math
+
+from river import stats
+
+LN10 = math.log(10.0)
+
+
+def alpha_for_halflife(halflife: float) -> float:
+    """EW weight of a new value such that an old value's weight halves after
+    ``halflife`` updates."""
+    return 1.0 - 0.5 ** (1.0 / max(halflife, 1e-9))
+
+
+class MinuteSeries:
+    """EW mean and variance of a per-minute total (river EWMean + EWVar)."""
+
+    __slots__ = ("_m", "_v", "mean", "n")
+
+    MAX_FILL = 240  # empty minutes fed one by one; beyond this the weight is negligible
+
+    def __init__(self, halflife_min: float = 60.0) -> None:
+        a = alpha_for_halflife(halflife_min)
+        self._m = stats.EWMean(fading_factor=a)
+        self._v = stats.EWVar(fading_factor=a)
+        self.mean = 0.0
+        self.n = 0
+
+    def update(self, x: float) -> None:
+        self._m.update(x)
+        self._v.update(x)
+        self.mean = self._m.get()
+        self.n += 1
+
+    def fill_zeros(self, k: int) -> None:
+        k = min(k, self.MAX_FILL)
+        m, v = self._m, self._v
+        for _ in range(k):
+            m.update(0.0)
+            v.update(0.0)
+        self.mean = m.get()
+        self.n += k
+
+    def sd(self) -> float:
+        return math.sqrt(max(self._v.get(), 0.0))
+
+
+class EW:
+    """EW mean/variance in two floats (river's ``EWVar`` recursion)."""
+
+    __slots__ = ("mean", "var")
+
+    def __init__(self, mean: float = 0.0, var: float = 0.0) -> None:
+        self.mean = mean
+        self.var = var
+
+    def update(self, x: float, a: float) -> None:
+        d = x - self.mean
+        inc = a * d
+        self.mean += inc
+        self.var = (1.0 - a) * (self.var + d * inc)
+
+    def fill_zeros(self, k: int, a: float) -> None:
+        for _ in range(min(k, 240)):
+            self.update(0.0, a)
+
+    def sd(self) -> float:
+        return math.sqrt(self.var) if self.var > 0 else 0.0
+
+
+class LogBaseline:
+    """Size of one call for a (consumer, model): EW mean/variance of log(x)
+    and a decaying maximum (the largest normal call seen lately)."""
+
+    __slots__ = ("lmean", "lvar", "n", "rmax")
+
+    def __init__(self) -> None:
+        self.lmean = 0.0
+        self.lvar = 0.0
+        self.rmax = 0.0
+        self.n = 0
+
+    def update(self, x: float, a: float, decay: float) -> None:
+        lx = math.log1p(x)
+        if self.n == 0:
+            self.lmean = lx
+        else:
+            d = lx - self.lmean
+            inc = a * d
+            self.lmean += inc
+            self.lvar = (1.0 - a) * (self.lvar + d * inc)
+        r = self.rmax * decay
+        self.rmax = x if x > r else r
+        self.n += 1
+
+    def limit(self, z: float, sd_floor: float = 0.25) -> float:
+        """exp(mean + z * sd) - 1 of the log values, in the original unit."""
+        sd = math.sqrt(self.lvar) if self.lvar > 0 else 0.0
+        return math.expm1(self.lmean + z * max(sd, sd_floor))
+
+    def geomean(self) -> float:
+        return math.expm1(self.lmean)
+
+
+def binom_surprise(f: float, n: float, p0: float) -> float:
+    """``n * KL(f/n || p0)`` when ``f/n > p0``, else 0.
+
+    By the Chernoff bound ``P(X >= f | n, p0) <= exp(-surprise)``, so
+    ``surprise >= ln(1/alpha)`` is a (conservative) one-sided test at level
+    alpha.  Works with the fractional counts of decayed windows.
+    """
+    if n <= 0 or f <= p0 * n:
+        return 0.0
+    p = f / n
+    if p >= 1.0:
+        return -n * math.log(p0)
+    return n * (p * math.log(p / p0) + (1.0 - p) * math.log((1.0 - p) / (1.0 - p0)))
+
+
+def wilson_lower(f: float, n: float, z: float = 3.0) -> float:
+    """Lower bound of the Wilson score interval of a rate f/n.
+
+    >>> round(wilson_lower(8, 10), 2), round(wilson_lower(1, 2), 2)
+    (0.35, 0.05)
+    """
+    if n <= 0:
+        return 0.0
+    p = f / n
+    z2 = z * z
+    centre = p + z2 / (2 * n)
+    half = z * math.sqrt(max(p * (1 - p) / n + z2 / (4 * n * n), 0.0))
+    return max((centre - half) / (1 + z2 / n), 0.0)

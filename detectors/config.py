@@ -1,0 +1,330 @@
+"""Detector configuration: a frozen dataclass tree with per-tenant and
+per-consumer overrides.
+
+The API layer reads a TOML file and passes the resulting dict to
+:meth:`DetectorConfig.from_dict`; detectors never do I/O.  Every key is
+checked: an unknown key or a value of the wrong type or range raises
+``ValueError`` naming the key and saying what to fix.
+
+Layout of the dict (all sections optional)::
+
+    [engine]                       # EngineConfig
+    evict_idle_s = 93600
+    [token_spike]                  # one section per detector kind
+    min_tokens_per_min = 20000
+    [tenants.acme.token_spike]     # override for every consumer of tenant "acme"
+    ratio = 10
+    [consumers."batch-job".token_spike]   # override for one consumer (wins over tenant)
+    enabled = false
+
+>>> cfg = DetectorConfig.from_dict({"token_spike": {"ratio": 8},
+...                                 "consumers": {"batch": {"token_spike": {"enabled": False}}}})
+>>> cfg.settings.token_spike.ratio, cfg.settings_for("default", "batch").token_spike.enabled
+(8.0, False)
+>>> cfg.settings_for("default", "other").token_spike.enabled
+True
+>>> DetectorConfig.from_dict({"token_spike": {"ratoi": 8}})  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+ValueError: token_spike.ratoi: unknown key; valid keys are: enabled, min_tokens_per_min, ...
+>>> DetectorConfig.from_dict({"retry_storm": {"min_attempts": "many"}})
+Traceback (most recent call last):
+...
+ValueError: retry_storm.min_attempts: expected a number, got 'many'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
+from typing import Any, get_type_hints
+
+
+@dataclass(frozen=True, slots=True)
+class RunawayConfig:
+    """runaway_reasoning: one call whose thinking (reasoning tokens, or output
+    tokens for models that report no reasoning) or duration is extreme."""
+
+    enabled: bool = True
+    warmup_calls: int = 30  # calls of a (consumer, model) before relative checks
+    z: float = 5.0  # log-space z-score above the (consumer, model) mean
+    ratio_to_recent_max: float = 1.5  # and this many times the slowly decaying max
+    ratio_to_mean: float = 6.0  # and this many times the geometric mean
+    min_tokens: int = 6000  # relative token findings need at least this many
+    min_latency_s: float = 300.0  # relative duration findings need at least this
+    max_latency_s: float = 600.0  # guardrail, no warm-up needed
+    max_think_tokens: int = 64000  # guardrail on reasoning (or output) tokens
+    length_min_reasoning: int = 16000  # finish_reason=length with this much reasoning
+    length_reasoning_share: float = 0.9  # ... making up this share of the output
+    repeat_count: int = 3  # runaway calls from one consumer within repeat_window_s
+    repeat_window_s: float = 1800.0  # ... escalate to critical / block
+    quiet_s: float = 1800.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryStormConfig:
+    """retry_storm: one request_hash repeated far beyond client retries, or a
+    consumer's request rate jumping while most calls fail."""
+
+    enabled: bool = True
+    tau_s: float = 60.0  # time constant of the decayed attempt counter
+    min_attempts: float = 6.0  # decayed attempts of one request_hash (failing)
+    min_fail_share: float = 0.5  # share of those attempts that failed
+    min_attempts_success: float = 30.0  # single caller, same hash, no failures
+    rate_min_calls: int = 40  # calls in one minute for the rate-jump rule
+    rate_ratio: float = 5.0  # times the consumer's mean calls per minute
+    rate_z: float = 6.0
+    rate_min_fail_share: float = 0.6
+    warmup_min: int = 30  # minutes of history before the rate-jump rule
+    quiet_s: float = 180.0
+
+
+@dataclass(frozen=True, slots=True)
+class FailureSpikeConfig:
+    """failure_spike: a failure rate significantly above the baseline
+    (one-sided binomial test through its Chernoff bound)."""
+
+    enabled: bool = True
+    log10_alpha: float = -7.0  # significance of the binomial tail test
+    prior_rate: float = 0.02  # prior failure rate (Beta prior mean)
+    prior_calls: float = 50.0  # prior strength in calls
+    min_failures: float = 5.0
+    min_rate: float = 0.2  # observed failure rate must reach this
+    min_ratio: float = 3.0  # and this many times the baseline
+    short_tau_s: float = 30.0
+    long_tau_s: float = 300.0
+    baseline_halflife_calls: float = 2000.0
+    warmup_calls: int = 30
+    quiet_s: float = 300.0
+    # model scope (upstream outage)
+    model_enabled: bool = True
+    model_min_consumers: int = 3  # distinct consumers failing on the model
+    model_min_consumer_share: float = 0.3  # of the model's active consumers
+    model_window_s: float = 120.0
+    model_quiet_s: float = 300.0
+    model_baseline_halflife_s: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSpikeConfig:
+    """token_spike: tokens per minute far above the consumer's baseline."""
+
+    enabled: bool = True
+    min_tokens_per_min: float = 20000.0  # absolute floor: tiny consumers never page
+    min_calls: int = 3  # calls in the minute (one huge call is not a rate spike)
+    ratio: float = 4.0  # times the baseline mean
+    z: float = 10.0  # and mean + z * sd (minute totals are heavy-tailed)
+    ratio_to_recent_max: float = 1.5  # and this many times the largest recent normal minute
+    halflife_min: float = 60.0
+    warmup_min: int = 120
+    quiet_s: float = 300.0
+    max_tokens_per_min: float = 0.0  # guardrail without warm-up; 0 disables
+
+
+@dataclass(frozen=True, slots=True)
+class CostSpikeConfig:
+    """cost_spike: cost per minute far above baseline, beyond what the token
+    volume explains (a token spike is reported as token_spike)."""
+
+    enabled: bool = True
+    min_cost_per_min: float = 0.5  # absolute floor in the tenant's currency
+    ratio: float = 6.0
+    z: float = 6.0
+    price_ratio: float = 1.5  # cost per token this many times its baseline
+    quiet_s: float = 300.0
+    max_cost_per_min: float = 0.0  # guardrail without warm-up; 0 disables
+
+
+@dataclass(frozen=True, slots=True)
+class AgentLoopConfig:
+    """agent_loop: one trace (or session) with far more calls or tokens than
+    the consumer's runs normally have."""
+
+    enabled: bool = True
+    min_calls: int = 60  # never below this many calls in one run
+    ratio: float = 3.0  # times the consumer's high run length (about p99)
+    min_tokens: int = 2_000_000  # token rule floor
+    token_ratio: float = 5.0
+    # no run history yet: ~3x the longest normal agent run (tau-bench: 27 tool calls)
+    guard_calls: int = 80
+    critical_ratio: float = 3.0  # observed >= this x threshold: critical, block
+    warmup_runs: int = 10
+    run_idle_s: float = 600.0  # a run ends after this long without calls
+    quiet_s: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class ContextBloatConfig:
+    """context_bloat (info): input tokens growing call after call in a session."""
+
+    enabled: bool = True
+    min_calls: int = 10  # consecutive growing calls
+    min_growth: float = 4.0  # last input / first input of the streak
+    min_input_tokens: int = 60000
+    quiet_s: float = 1800.0
+
+
+@dataclass(frozen=True, slots=True)
+class CacheOpportunityConfig:
+    """cache_opportunity (info): one request_hash answered many times without
+    cached input tokens."""
+
+    enabled: bool = True
+    min_repeats: float = 10.0  # uncached answers, decayed with tau_s
+    tau_s: float = 600.0  # about a prompt cache's lifetime: slower repeats gain nothing
+    min_input_tokens: int = 1000
+    quiet_s: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every detector's settings for one consumer."""
+
+    runaway_reasoning: RunawayConfig = field(default_factory=RunawayConfig)
+    retry_storm: RetryStormConfig = field(default_factory=RetryStormConfig)
+    failure_spike: FailureSpikeConfig = field(default_factory=FailureSpikeConfig)
+    token_spike: TokenSpikeConfig = field(default_factory=TokenSpikeConfig)
+    cost_spike: CostSpikeConfig = field(default_factory=CostSpikeConfig)
+    agent_loop: AgentLoopConfig = field(default_factory=AgentLoopConfig)
+    context_bloat: ContextBloatConfig = field(default_factory=ContextBloatConfig)
+    cache_opportunity: CacheOpportunityConfig = field(default_factory=CacheOpportunityConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    evict_idle_s: float = 26 * 3600.0  # forget a consumer idle this long
+    max_lateness_s: float = 120.0  # events older than clock - this are counted, not scored
+    update_interval_s: float = 300.0  # re-emit an open finding at most this often
+    update_growth: float = 1.5  # ... or when observed grew by this factor
+    repeat_horizon_s: float = 600.0  # request_hash repeats are looked for this far back
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorConfig:
+    settings: Settings = field(default_factory=Settings)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    tenants: Mapping[str, Settings] = field(default_factory=lambda: MappingProxyType({}))
+    consumers: Mapping[str, Settings] = field(default_factory=lambda: MappingProxyType({}))
+    # the raw override dicts, kept so that a consumer override applies on top
+    # of its tenant's override and not on top of the defaults only
+    _tenant_raw: Mapping[str, Mapping[str, Any]] = field(
+        default_factory=lambda: MappingProxyType({}), repr=False)
+    _consumer_raw: Mapping[str, Mapping[str, Any]] = field(
+        default_factory=lambda: MappingProxyType({}), repr=False)
+
+    def settings_for(self, tenant: str, consumer: str) -> Settings:
+        """Settings for one consumer: defaults < tenant override < consumer override."""
+        if consumer in self.consumers:
+            base = self.tenants.get(tenant, self.settings)
+            return _apply(base, self._consumer_raw[consumer], f"consumers.{consumer}")
+        return self.tenants.get(tenant, self.settings)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> DetectorConfig:
+        d = dict(d or {})
+        engine = _build(EngineConfig, d.pop("engine", {}) or {}, "engine")
+        tenants_raw = _section(d.pop("tenants", {}) or {}, "tenants")
+        consumers_raw = _section(d.pop("consumers", {}) or {}, "consumers")
+        settings = _apply(Settings(), d, "")
+        tenants = {t: _apply(settings, v, f"tenants.{t}") for t, v in tenants_raw.items()}
+        consumers = {c: _apply(settings, v, f"consumers.{c}") for c, v in consumers_raw.items()}
+        return cls(settings=settings, engine=engine, tenants=MappingProxyType(tenants),
+                   consumers=MappingProxyType(consumers),
+                   _tenant_raw=MappingProxyType(tenants_raw),
+                   _consumer_raw=MappingProxyType(consumers_raw))
+
+
+def _section(v: Any, where: str) -> dict[str, Mapping[str, Any]]:
+    if not isinstance(v, Mapping):
+        raise ValueError(f"{where}: expected a table of name -> settings, got {v!r}")
+    for k, sub in v.items():
+        if not isinstance(sub, Mapping):
+            raise ValueError(f"{where}.{k}: expected a table of detector settings, got {sub!r}")
+    return {str(k): sub for k, sub in v.items()}
+
+
+def _apply(base: Settings, d: Mapping[str, Any], where: str) -> Settings:
+    kinds = {f.name for f in fields(Settings)}
+    changes: dict[str, Any] = {}
+    for kind, sub in d.items():
+        key = f"{where}.{kind}" if where else kind
+        if kind not in kinds:
+            if not where:
+                raise ValueError(f"{key}: unknown key; valid keys are: "
+                                 + ", ".join(sorted(kinds | {"engine", "tenants", "consumers"})))
+            raise ValueError(f"{key}: unknown detector; valid ones are: "
+                             + ", ".join(sorted(kinds)))
+        if not isinstance(sub, Mapping):
+            raise ValueError(f"{key}: expected a table of settings, got {sub!r}")
+        changes[kind] = _build(type(getattr(base, kind)), sub, key, getattr(base, kind))
+    return replace(base, **changes) if changes else base
+
+
+def _build(cls: type, d: Any, where: str, base: Any = None) -> Any:
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{where}: expected a table of settings, got {d!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kw: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{where}.{k}"
+        if k not in hints:
+            raise ValueError(f"{key}: unknown key; valid keys are: " + ", ".join(names))
+        kw[k] = _check(hints[k], v, key)
+    obj = replace(base, **kw) if base is not None else cls(**kw)
+    _validate(obj, where)
+    return obj
+
+
+def _check(typ: Any, v: Any, key: str) -> Any:
+    if typ is bool:
+        if not isinstance(v, bool):
+            raise ValueError(f"{key}: expected true or false, got {v!r}")
+        return v
+    if typ is int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            if isinstance(v, float) and v.is_integer():
+                return int(v)
+            raise ValueError(f"{key}: expected an integer, got {v!r}")
+        return v
+    if typ is float:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ValueError(f"{key}: expected a number, got {v!r}")
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ValueError(f"{key}: expected a finite number, got {v!r}")
+        return float(v)
+    return v
+
+
+# (field name -> check, message) applied to every config class that has the field
+_SHARE = (lambda x: 0.0 <= x <= 1.0, "must be between 0 and 1")
+_POS = (lambda x: x > 0, "must be > 0")
+_NONNEG = (lambda x: x >= 0, "must be >= 0")
+_RULES: dict[str, tuple[Any, str]] = {
+    "min_fail_share": _SHARE, "rate_min_fail_share": _SHARE, "prior_rate": (
+        lambda x: 0.0 < x < 1.0, "must be strictly between 0 and 1"),
+    "model_min_consumer_share": _SHARE, "length_reasoning_share": _SHARE,
+    "min_rate": _SHARE, "log10_alpha": (lambda x: x < 0, "must be < 0 (e.g. -7 for 1e-7)"),
+    "update_growth": (lambda x: x > 1, "must be > 1"),
+}
+
+
+def _validate(obj: Any, where: str) -> None:
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, bool):
+            continue
+        rule = _RULES.get(f.name)
+        if rule is None:
+            if f.name.endswith(("_s", "_min", "ratio", "tau_s")) or f.name in (
+                    "z", "rate_z", "prior_calls", "baseline_halflife_calls"):
+                rule = _POS if not f.name.startswith("max_") else _NONNEG
+            elif isinstance(v, int | float):
+                rule = _NONNEG
+            else:
+                continue
+        ok, msg = rule
+        if not ok(v):
+            raise ValueError(f"{where}.{f.name}: {msg}, got {v!r}")

@@ -1,0 +1,179 @@
+"""Episodes: one finding per anomaly episode, updated and resolved on the
+event-time clock.
+
+A detector *touches* an episode every time it sees the behaviour again.  The
+first touch emits revision 0; later touches emit a new revision only when the
+severity or action escalates, when ``observed`` grew by ``growth`` since the
+last emission, or at most every ``interval_s`` of event time.  An episode that
+was not touched for its ``quiet_s`` is resolved (``status="resolved"``,
+``resolved_at`` = last touch + quiet_s, a deterministic event time).
+
+>>> book = EpisodeBook(interval_s=300, growth=1.5)
+>>> [f] = book.touch(kind="retry_storm", scope="consumer", subject="app", tenant="t",
+...                consumer="app", model=None, now=100.0, first_ts=95.0, observed=10,
+...                baseline=1, threshold=6, severity="warning", action="block",
+...                summary="s", evidence={}, quiet_s=60)
+>>> f.revision, f.status
+(0, 'firing')
+>>> book.touch(kind="retry_storm", scope="consumer", subject="app", tenant="t",
+...            consumer="app", model=None, now=101.0, first_ts=95.0, observed=11,
+...            baseline=1, threshold=6, severity="warning", action="block",
+...            summary="s", evidence={}, quiet_s=60)
+[]
+>>> [(r.revision, r.status) for r in book.resolve_due(200.0)]
+[(1, 'resolved')]
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from .finding import Finding
+
+_SEV_RANK = {"info": 0, "warning": 1, "critical": 2}
+_ACT_RANK = {"none": 0, "alert": 1, "block": 2}
+
+
+def dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+class Episode:
+    __slots__ = ("action", "baseline", "consumer", "detected_ts", "evidence", "finding_id",
+                 "first_ts", "kind", "last_emit_obs", "last_emit_ts", "last_touch", "model",
+                 "observed", "peak", "quiet_s", "revision", "scope", "severity", "subject",
+                 "summary", "tenant", "threshold", "touches")
+    action: str
+    baseline: float
+    consumer: str | None
+    detected_ts: float
+    evidence: dict[str, Any]
+    finding_id: str
+    first_ts: float
+    kind: str
+    last_emit_obs: float
+    last_emit_ts: float
+    last_touch: float
+    model: str | None
+    observed: float
+    peak: float
+    quiet_s: float
+    revision: int
+    scope: str
+    severity: str
+    subject: str
+    summary: str
+    tenant: str
+    threshold: float
+    touches: int
+
+    def finding(self, status: str = "firing", resolved_at: float | None = None,
+                now: float | None = None) -> Finding:
+        kw: dict[str, Any] = dict(
+            finding_id=self.finding_id, kind=self.kind, severity=self.severity,
+            scope=self.scope, subject=self.subject, tenant=self.tenant,
+            consumer=self.consumer, model=self.model, first_event_ts=dt(self.first_ts),
+            detected_at=dt(self.detected_ts),
+            updated_at=dt(now if now is not None else self.last_touch),
+            resolved_at=dt(resolved_at) if resolved_at is not None else None,
+            status=status, observed=float(self.observed),
+            baseline=float(self.baseline), threshold=float(self.threshold),
+            evidence=dict(self.evidence), action=self.action,
+            summary=self.summary, revision=self.revision)
+        return Finding(**kw)
+
+
+class EpisodeBook:
+    """Open episodes keyed by (kind, scope, subject, tenant)."""
+
+    def __init__(self, interval_s: float = 300.0, growth: float = 1.5) -> None:
+        self.open: dict[tuple[str, str, str, str], Episode] = {}
+        self.interval_s = interval_s
+        self.growth = growth
+
+    def get(self, kind: str, scope: str, subject: str, tenant: str) -> Episode | None:
+        return self.open.get((kind, scope, subject, tenant))
+
+    def touch(self, *, kind: str, scope: str, subject: str, tenant: str,
+              consumer: str | None, model: str | None, now: float, first_ts: float,
+              observed: float, baseline: float, threshold: float, severity: str,
+              action: str, summary: str, evidence: dict[str, Any], quiet_s: float,
+              ) -> list[Finding]:
+        """Open or update an episode; return the findings to emit (a resolution
+        of an expired episode under the same key comes first)."""
+        key = (kind, scope, subject, tenant)
+        ep = self.open.get(key)
+        out: list[Finding] = []
+        if ep is not None and now - ep.last_touch > ep.quiet_s:
+            out = self.resolve_due(now, key)
+            ep = None
+        if ep is None:
+            ep = Episode()
+            ep.kind, ep.scope, ep.subject, ep.tenant = kind, scope, subject, tenant
+            ep.consumer, ep.model = consumer, model
+            ep.first_ts = min(first_ts, now)
+            ep.detected_ts = now
+            ep.finding_id = Finding.episode_id(kind, scope, subject, tenant, dt(ep.first_ts))
+            ep.revision = 0
+            ep.touches = 1
+            ep.peak = observed
+            self._set(ep, now, observed, baseline, threshold, severity, action, summary,
+                      evidence, quiet_s)
+            ep.last_emit_ts, ep.last_emit_obs = now, observed
+            self.open[key] = ep
+            out.append(ep.finding())
+            return out
+        ep.touches += 1
+        escalated = (_SEV_RANK[severity] > _SEV_RANK[ep.severity]
+                     or _ACT_RANK[action] > _ACT_RANK[ep.action])
+        if _SEV_RANK[severity] < _SEV_RANK[ep.severity]:
+            severity = ep.severity  # an episode never de-escalates while open
+        if _ACT_RANK[action] < _ACT_RANK[ep.action]:
+            action = ep.action
+        if observed > ep.peak:
+            ep.peak = observed
+        self._set(ep, now, observed, baseline, threshold, severity, action, summary,
+                  evidence, quiet_s)
+        grew = abs(observed) >= self.growth * abs(ep.last_emit_obs) and observed != 0
+        due = now - ep.last_emit_ts >= self.interval_s and observed != ep.last_emit_obs
+        if escalated or grew or due:
+            ep.revision += 1
+            ep.last_emit_ts, ep.last_emit_obs = now, observed
+            out.append(ep.finding())
+        return out
+
+    def keep_alive(self, kind: str, scope: str, subject: str, tenant: str, now: float) -> bool:
+        """Mark an open episode as still going without new figures."""
+        ep = self.open.get((kind, scope, subject, tenant))
+        if ep is None or now - ep.last_touch > ep.quiet_s:
+            return False
+        if now > ep.last_touch:
+            ep.last_touch = now
+        return True
+
+    @staticmethod
+    def _set(ep: Episode, now: float, observed: float, baseline: float, threshold: float,
+             severity: str, action: str, summary: str, evidence: dict[str, Any],
+             quiet_s: float) -> None:
+        ep.observed, ep.baseline, ep.threshold = observed, baseline, threshold
+        ep.severity, ep.action, ep.summary, ep.evidence = severity, action, summary, evidence
+        ep.quiet_s = quiet_s
+        if now > getattr(ep, "last_touch", -1.0):
+            ep.last_touch = now
+
+    def resolve_due(self, now: float, key: tuple[str, str, str, str] | None = None,
+                    ) -> list[Finding]:
+        """Resolve episodes quiet for their quiet_s (all, or just ``key``)."""
+        out: list[Finding] = []
+        keys = [key] if key is not None else list(self.open)
+        for k in keys:
+            ep = self.open.get(k)
+            if ep is None:
+                continue
+            end = ep.last_touch + ep.quiet_s
+            if now >= end:
+                del self.open[k]
+                ep.revision += 1
+                out.append(ep.finding(status="resolved", resolved_at=end, now=end))
+        return out

@@ -1,0 +1,177 @@
+"""Score findings against labelled traffic (labels from ``ingest.simulator``
+or any generator producing the same records).
+
+Matching rules (documented here because the numbers depend on them):
+
+* Only the first revision of each ``finding_id`` counts (updates and the
+  resolution of an episode are not new detections).
+* A finding matches a label when the kinds are equal, ``detected_at`` lies in
+  ``[label.start, label.end + grace_s]`` and the subject matches:
+
+  - label scope ``model``: a model-scope finding whose subject (or model) is
+    the label's subject;
+  - label scope ``consumer`` or ``user``: a finding whose ``consumer`` (or
+    subject) is the label's consumer (findings are raised per consumer);
+  - label scope ``session``: a finding whose subject, or evidence
+    ``trace_id``/``session_id``, is the label's subject.
+
+* A finding matching no label is a false positive, except that a
+  consumer-scope ``failure_spike`` or ``retry_storm`` finding on a model
+  while a model-scope outage label of that model is active (start to end +
+  grace) is *explained*: neither true nor false positive.  Those are the
+  upstream's failures seen from one consumer.
+* A label is detected when at least one finding matches it; its delay is
+  the earliest matching ``detected_at`` minus the label's start (event time).
+* precision = true positives / (true positives + false positives); false
+  findings are also given per 1,000 consumer-hours of traffic.
+
+>>> labels = [{"label_id": "L1", "kind": "retry_storm", "scope": "consumer", "subject": "a",
+...            "consumer": "a", "model": "m", "start": "2026-01-01T00:00:00Z",
+...            "end": "2026-01-01T00:10:00Z"}]
+>>> findings = [{"finding_id": "f1", "kind": "retry_storm", "scope": "consumer",
+...              "subject": "a", "consumer": "a", "revision": 0,
+...              "detected_at": "2026-01-01T00:00:08Z"},
+...             {"finding_id": "f2", "kind": "token_spike", "scope": "consumer",
+...              "subject": "b", "consumer": "b", "revision": 0,
+...              "detected_at": "2026-01-01T00:00:08Z"}]
+>>> r = score(labels, findings, consumer_hours=100)
+>>> r["kinds"]["retry_storm"]["recall"], r["kinds"]["token_spike"]["false_positives"]
+(1.0, 1)
+>>> print(format_report(r).splitlines()[0].split()[:3])
+['kind', 'labels', 'detected']
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from .finding import KINDS
+
+
+def _ts(v: Any) -> float:
+    if isinstance(v, datetime):
+        return v.timestamp()
+    if isinstance(v, int | float):
+        return float(v)
+    s = str(v)
+    if s.endswith("Z"):
+        s = s[:-1] + "+00:00"
+    return datetime.fromisoformat(s).timestamp()
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    i = q * (len(xs) - 1)
+    lo = int(i)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (i - lo)
+
+
+def _subject_ok(label: dict[str, Any], f: dict[str, Any]) -> bool:
+    scope = label.get("scope")
+    if scope == "model":
+        return f.get("scope") == "model" and label.get("subject") in (f.get("subject"),
+                                                                      f.get("model"))
+    if f.get("scope") == "model":
+        return False
+    if scope == "session":
+        ev = f.get("evidence") or {}
+        return label.get("subject") in (f.get("subject"), ev.get("trace_id"),
+                                        ev.get("session_id"))
+    who = label.get("consumer") or label.get("subject")
+    return who in (f.get("consumer"), f.get("subject"))
+
+
+def score(labels: list[dict[str, Any]], findings: list[dict[str, Any]], *,
+          consumer_hours: float, grace_s: float = 300) -> dict[str, Any]:
+    """Per-kind recall, precision, false findings per 1,000 consumer-hours and
+    detection delay (see the module doc for the matching rules)."""
+    first: dict[str, dict[str, Any]] = {}
+    for f in findings:
+        fid = f["finding_id"]
+        cur = first.get(fid)
+        if cur is None or f.get("revision", 0) < cur.get("revision", 0):
+            first[fid] = f
+    labs = [dict(lab, _s=_ts(lab["start"]), _e=_ts(lab["end"])) for lab in labels]
+    outages = [lab for lab in labs if lab.get("scope") == "model"]
+    kinds = sorted({*(lab["kind"] for lab in labs), *(f["kind"] for f in first.values())},
+                   key=lambda k: KINDS.index(k) if k in KINDS else 99)
+    delays: dict[str, float] = {}
+    stats: dict[str, dict[str, Any]] = {
+        k: {"labels": 0, "detected": 0, "findings": 0, "true_positives": 0,
+            "false_positives": 0, "explained": 0, "delays": []} for k in kinds}
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for lab in labs:
+        by_kind.setdefault(lab["kind"], []).append(lab)
+        stats[lab["kind"]]["labels"] += 1
+    false_list = []
+    for f in sorted(first.values(), key=lambda f: _ts(f["detected_at"])):
+        st = stats[f["kind"]]
+        st["findings"] += 1
+        t = _ts(f["detected_at"])
+        matched = False
+        for lab in by_kind.get(f["kind"], ()):
+            if lab["_s"] <= t <= lab["_e"] + grace_s and _subject_ok(lab, f):
+                matched = True
+                d = t - lab["_s"]
+                if lab["label_id"] not in delays or d < delays[lab["label_id"]]:
+                    delays[lab["label_id"]] = d
+        if matched:
+            st["true_positives"] += 1
+            continue
+        if f["kind"] in ("failure_spike", "retry_storm") and f.get("scope") != "model" and any(
+                o["_s"] <= t <= o["_e"] + grace_s and o.get("subject") == f.get("model")
+                for o in outages):
+            st["explained"] += 1
+            continue
+        st["false_positives"] += 1
+        false_list.append({k: f.get(k) for k in ("finding_id", "kind", "scope", "subject",
+                                                  "detected_at", "summary")})
+    for lab in labs:
+        if lab["label_id"] in delays:
+            st = stats[lab["kind"]]
+            st["detected"] += 1
+            st["delays"].append(delays[lab["label_id"]])
+    out = {}
+    for k, st in stats.items():
+        tp, fp = st["true_positives"], st["false_positives"]
+        out[k] = {
+            "labels": st["labels"], "detected": st["detected"],
+            "recall": st["detected"] / st["labels"] if st["labels"] else None,
+            "findings": st["findings"], "true_positives": tp, "false_positives": fp,
+            "explained": st["explained"],
+            "precision": tp / (tp + fp) if tp + fp else None,
+            "false_per_1k_consumer_hours": 1000.0 * fp / consumer_hours if consumer_hours else None,
+            "delay_p50_s": _pct(st["delays"], 0.5), "delay_p90_s": _pct(st["delays"], 0.9),
+        }
+    missed = [{k: lab.get(k) for k in ("label_id", "kind", "scope", "subject", "shape",
+                                       "variant", "victim_size", "start")}
+              for lab in labs if lab["label_id"] not in delays]
+    return {"kinds": out, "consumer_hours": consumer_hours, "grace_s": grace_s,
+            "missed": missed, "false": false_list}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A fixed-width table, one line per kind."""
+    cols = ("kind", "labels", "detected", "recall", "findings", "TP", "FP", "expl",
+            "precision", "FP/1k c-h", "delay p50", "delay p90")
+    w = (18, 6, 8, 6, 8, 5, 5, 5, 9, 9, 9, 9)
+    lines = ["  ".join(c.ljust(n) if i == 0 else c.rjust(n) for i, (c, n) in
+                       enumerate(zip(cols, w, strict=True)))]
+
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    for k, s in report["kinds"].items():
+        row = (k, str(s["labels"]), str(s["detected"]), f(s["recall"], ".2f"),
+               str(s["findings"]), str(s["true_positives"]), str(s["false_positives"]),
+               str(s["explained"]), f(s["precision"], ".2f"),
+               f(s["false_per_1k_consumer_hours"], ".2f"), f(s["delay_p50_s"], ".1f"),
+               f(s["delay_p90_s"], ".1f"))
+        lines.append("  ".join(c.ljust(n) if i == 0 else c.rjust(n) for i, (c, n) in
+                               enumerate(zip(row, w, strict=True))))
+    lines.append(f"consumer-hours: {report['consumer_hours']:.0f}, grace {report['grace_s']:.0f} s")
+    return "\n".join(lines)
