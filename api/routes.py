@@ -500,6 +500,24 @@ def _analyst_routes(app: FastAPI) -> None:
             raise HTTPException(503, f"query failed: {_first_line(exc)}") from None
         return FindingsOut(findings=[_finding(r) for r in rows])
 
+    @app.get("/v1/findings/{finding_id}", tags=["analyst"], response_model=FindingsOut,
+             summary="Every revision of one finding, oldest first (analyst)",
+             responses={404: {"description": "no such finding"}})
+    def get_finding_history(
+        svc: ServiceDep,
+        _: AnalystAuth,
+        finding_id: Annotated[str, Path(max_length=64)],
+    ) -> FindingsOut:
+        sql = (f"SELECT {_FINDING_COLS} FROM {DB}.findings "
+               "WHERE finding_id = {fid:String} ORDER BY revision LIMIT 1 BY revision")
+        try:
+            rows = svc.store.query(sql, {"fid": finding_id})
+        except Exception as exc:
+            raise HTTPException(503, f"query failed: {_first_line(exc)}") from None
+        if not rows:
+            raise HTTPException(404, f"no finding {finding_id!r}")
+        return FindingsOut(findings=[_finding(r) for r in rows])
+
     @app.get("/v1/alerts", tags=["analyst"], response_model=AlertsOut,
              summary="Alerts from the alerting layer (analyst)")
     def get_alerts(
