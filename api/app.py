@@ -132,6 +132,11 @@ def readyz(svc: ServiceDep) -> Response:
 
         err = check_kafka(svc.settings.kafka_bootstrap, 2.0)
         checks["kafka"] = "ok" if err is None else f"unavailable: {err}"
+        consumer = next((t for t in svc.threads if t.name == "kafka-consumer"), None)
+        if consumer is not None and not consumer.is_alive() and not svc.stop.is_set():
+            # The consumer stopped on an unexpected error (logged): not ready,
+            # so that the orchestrator restarts this instance.
+            checks["kafka"] = "consumer stopped (see the log)"
     ok = all(v == "ok" for v in checks.values())
     return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
 

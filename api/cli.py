@@ -124,10 +124,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     where = settings.clickhouse_url or os.path.abspath(settings.data_dir)
     log.info("tokenward listening on http://%s:%s (store: %s, kafka: %s)", settings.host,
              settings.port, where, settings.kafka_bootstrap or "off")
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal with
+    # the handler it found installed.  With the default handler that would kill
+    # the process before svc.close() saves the detector state and stops the
+    # consumer; this one lets the shutdown below finish.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
                     access_log=False)
     finally:
+        log.info("shutting down: saving detector state, stopping the consumer")
         svc.close()
     return 0
 

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import logging
+import signal
 import sys
 import threading
 import time
@@ -112,6 +113,11 @@ def cmd_demo(args: argparse.Namespace, settings_fn: Callable[[argparse.Namespace
         f"{args.speed:g}x; {args.warmup_minutes} min of warm-up traffic first (baselines)")
     printer.line(f"data folder: {settings.clickhouse_url or settings.data_dir}")
     stop = threading.Event()
+
+    def _terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops the demo as cleanly as Ctrl-C
+
+    signal.signal(signal.SIGTERM, _terminate)
     wall0 = time.monotonic()
     deadline = wall0 + args.duration if args.duration else None
     prog = Progress("demo", quiet=args.quiet)
