@@ -44,11 +44,13 @@ def _price_fn() -> Any:
     return price
 
 
-def generate(traffic: str, seed: int, hours: float, consumers: int
+def generate(traffic: str, seed: int, hours: float, consumers: int,
+             episodes: int | None = None
              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     if traffic == "sim":
         from ingest.simulator import SimConfig, Simulation
-        sim = Simulation(SimConfig(seed=seed, duration_s=hours * 3600, n_consumers=consumers))
+        sim = Simulation(SimConfig(seed=seed, duration_s=hours * 3600, n_consumers=consumers,
+                                   episodes_per_kind=episodes))
         evs = list(sim.events())
         return evs, sim.labels
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "detectors"))
@@ -57,15 +59,17 @@ def generate(traffic: str, seed: int, hours: float, consumers: int
     return s.events(), s.labels
 
 
-def load(traffic: str, seed: int, hours: float, consumers: int, cache: bool
+def load(traffic: str, seed: int, hours: float, consumers: int, cache: bool,
+         episodes: int | None = None
          ) -> tuple[list[UsageEvent], list[dict[str, Any]], float]:
     import pickle
-    path = Path(f"/tmp/tokenward-eval-{traffic}-{seed}-{hours}-{consumers}.pkl")
+    ep = f"-e{episodes}" if episodes else ""
+    path = Path(f"/tmp/tokenward-eval-{traffic}-{seed}-{hours}-{consumers}{ep}.pkl")
     if cache and path.exists():
         res: Any = pickle.loads(path.read_bytes())
         return res
     t0 = time.perf_counter()
-    raw, labels = generate(traffic, seed, hours, consumers)
+    raw, labels = generate(traffic, seed, hours, consumers, episodes)
     price = _price_fn()
     evs = []
     for d in raw:
@@ -104,13 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hours", type=float, default=6.0)
     ap.add_argument("--consumers", type=int, default=500)
     ap.add_argument("--traffic", choices=("sim", "adversarial"), default="sim")
+    ap.add_argument("--episodes", type=int, default=None,
+                    help="anomaly episodes per kind (--traffic sim only; default grows "
+                         "with sqrt(hours))")
     ap.add_argument("--cache", action="store_true", help="cache generated events in /tmp")
     ap.add_argument("--details", action="store_true", help="list misses and false findings")
     ap.add_argument("--json", help="write the report as JSON to this file")
     ap.add_argument("--set", action="append", default=[], metavar="KIND.KEY=VALUE",
                     help="override a detector setting (repeatable)")
     a = ap.parse_args(argv)
-    evs, labels, _ = load(a.traffic, a.seed, a.hours, a.consumers, a.cache)
+    evs, labels, _ = load(a.traffic, a.seed, a.hours, a.consumers, a.cache, a.episodes)
     over: dict[str, dict[str, Any]] = {}
     for kv in a.set:
         k, v = kv.split("=", 1)

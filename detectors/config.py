@@ -69,11 +69,12 @@ class RetryStormConfig:
     consumer's request rate jumping while most calls fail."""
 
     enabled: bool = True
-    tau_s: float = 60.0  # time constant of the decayed attempt counter
-    min_attempts: float = 6.0  # decayed attempts of one request_hash (failing)
+    tau_s: float = 60.0  # time constant of the decayed counter (all-success rule)
+    min_attempts: float = 6.0  # attempts of one request_hash within window_s (failing)
+    window_s: float = 60.0  # sliding window of the same-request rule
     min_fail_share: float = 0.5  # share of those attempts that failed
-    min_attempts_success: float = 30.0  # single caller, same hash, no failures
-    rate_min_calls: int = 40  # calls in one minute for the rate-jump rule
+    min_attempts_success: float = 30.0  # single caller, same hash, no failures (decayed)
+    rate_min_calls: int = 12  # calls per minute (and in the window) for the rate-jump rule
     rate_ratio: float = 5.0  # times the consumer's mean calls per minute
     rate_z: float = 6.0
     rate_min_fail_share: float = 0.6
@@ -84,12 +85,17 @@ class RetryStormConfig:
 @dataclass(frozen=True, slots=True)
 class FailureSpikeConfig:
     """failure_spike: a failure rate significantly above the baseline
-    (one-sided binomial test through its Chernoff bound)."""
+    (one-sided binomial tail test on sliding windows anchored at the
+    consumer's recent failures)."""
 
     enabled: bool = True
     log10_alpha: float = -7.0  # significance of the binomial tail test
     prior_rate: float = 0.02  # prior failure rate (Beta prior mean)
     prior_calls: float = 50.0  # prior strength in calls
+    client_prior_rate: float = 0.005  # prior rate of client errors (401, 403, 400, 404, ...)
+    baseline_z: float = 1.5  # test against the baseline's upper bound (mean + z sd)
+    window_failures: int = 16  # failures kept per consumer (windows scanned)
+    max_window_s: float = 3600.0  # oldest failure a window may start at
     min_failures: float = 5.0
     min_rate: float = 0.2  # observed failure rate must reach this
     min_ratio: float = 3.0  # and this many times the baseline
@@ -109,16 +115,23 @@ class FailureSpikeConfig:
 
 @dataclass(frozen=True, slots=True)
 class TokenSpikeConfig:
-    """token_spike: tokens per minute far above the consumer's baseline."""
+    """token_spike: the token rate far above the consumer's baseline, on a
+    sliding 60 s window (every event) and a 5 min window (every minute, two in
+    a row).  Windows are *trimmed*: their largest call does not count (one
+    giant call is not a rate change); see :mod:`detectors.volume`."""
 
     enabled: bool = True
-    min_tokens_per_min: float = 20000.0  # absolute floor: tiny consumers never page
-    min_calls: int = 3  # calls in the minute (one huge call is not a rate spike)
-    ratio: float = 4.0  # times the baseline mean
-    z: float = 10.0  # and mean + z * sd (minute totals are heavy-tailed)
-    ratio_to_recent_max: float = 1.5  # and this many times the largest recent normal minute
-    halflife_min: float = 60.0
-    warmup_min: int = 120
+    min_tokens_per_min: float = 20000.0  # absolute floor of the 60 s window: tiny consumers never page
+    min_calls: int = 5  # calls in the window (a few huge calls are not a rate change)
+    ratio: float = 6.0  # 60 s window: times its EW mean
+    ratio_to_recent_max: float = 3.0  # ... and times the largest recent normal (trimmed) window
+    sustained_min_tokens_per_min: float = 10000.0  # 5 min window: floor per minute
+    sustained_ratio: float = 4.0  # 5 min window: times its EW mean
+    sustained_ratio_to_recent_max: float = 4.0  # ... and times the largest recent normal one
+    halflife_min: float = 60.0  # EW mean (token and cost windows)
+    max_halflife_min: float = 240.0  # the recent normal maximum halves in this time
+    warmup_min: int = 40  # minutes since the consumer's first call before relative rules
+    warmup_buckets: int = 60  # ... and 10 s buckets with calls (history of its windows)
     quiet_s: float = 300.0
     max_tokens_per_min: float = 0.0  # guardrail without warm-up; 0 disables
 
@@ -129,10 +142,16 @@ class CostSpikeConfig:
     volume explains (a token spike is reported as token_spike)."""
 
     enabled: bool = True
-    min_cost_per_min: float = 0.5  # absolute floor in the tenant's currency
-    ratio: float = 6.0
-    z: float = 6.0
+    min_cost_per_min: float = 0.1  # absolute floor in the tenant's currency (60 s window)
+    min_calls: int = 5  # calls in the window
+    ratio: float = 6.0  # 60 s window: times its EW mean (same windows as token_spike)
+    ratio_to_recent_max: float = 3.0  # ... and times the largest recent normal window
+    sustained_min_cost_per_min: float = 0.05  # 5 min window: floor per minute
+    sustained_ratio: float = 4.0
+    sustained_ratio_to_recent_max: float = 4.0
     price_ratio: float = 1.5  # cost per token this many times its baseline
+    price_jump: float = 4.0  # at this many times the baseline cost per token ...
+    price_jump_volume_ratio: float = 3.0  # ... the 60 s cost need only be this x its mean
     quiet_s: float = 300.0
     max_cost_per_min: float = 0.0  # guardrail without warm-up; 0 disables
 
@@ -143,12 +162,13 @@ class AgentLoopConfig:
     the consumer's runs normally have."""
 
     enabled: bool = True
-    min_calls: int = 60  # never below this many calls in one run
-    ratio: float = 3.0  # times the consumer's high run length (about p99)
+    min_calls: int = 40  # never below this many calls in one run (tau-bench: 0-27 tool calls)
+    ratio: float = 1.5  # times the consumer's high run length (about p99)
     min_tokens: int = 2_000_000  # token rule floor
     token_ratio: float = 5.0
-    # no run history yet: ~3x the longest normal agent run (tau-bench: 27 tool calls)
-    guard_calls: int = 80
+    # no run history yet: ~1.5x the longest normal agent run (tau-bench: 27 tool calls)
+    guard_calls: int = 40
+    session_min_calls: int = 100  # a session without trace_id: human turns (normal <= 30)
     critical_ratio: float = 3.0  # observed >= this x threshold: critical, block
     warmup_runs: int = 10
     run_idle_s: float = 600.0  # a run ends after this long without calls
@@ -162,7 +182,8 @@ class ContextBloatConfig:
     enabled: bool = True
     min_calls: int = 10  # consecutive growing calls
     min_growth: float = 4.0  # last input / first input of the streak
-    min_input_tokens: int = 60000
+    min_input_tokens: int = 80000  # normal agent runs reach ~60k, chat history ~24k
+    max_cached_share: float = 0.5  # a history served from the prompt cache is not bloat
     quiet_s: float = 1800.0
 
 
@@ -303,8 +324,9 @@ _SHARE = (lambda x: 0.0 <= x <= 1.0, "must be between 0 and 1")
 _POS = (lambda x: x > 0, "must be > 0")
 _NONNEG = (lambda x: x >= 0, "must be >= 0")
 _RULES: dict[str, tuple[Any, str]] = {
-    "min_fail_share": _SHARE, "rate_min_fail_share": _SHARE, "prior_rate": (
+    "min_fail_share": _SHARE, "rate_min_fail_share": _SHARE, "max_cached_share": _SHARE, "prior_rate": (
         lambda x: 0.0 < x < 1.0, "must be strictly between 0 and 1"),
+    "client_prior_rate": (lambda x: 0.0 < x < 1.0, "must be strictly between 0 and 1"),
     "model_min_consumer_share": _SHARE, "length_reasoning_share": _SHARE,
     "min_rate": _SHARE, "log10_alpha": (lambda x: x < 0, "must be < 0 (e.g. -7 for 1e-7)"),
     "update_growth": (lambda x: x > 1, "must be > 1"),

@@ -36,15 +36,14 @@ from .baselines import LN10, LogBaseline, alpha_for_halflife, binom_surprise
 from .config import DetectorConfig, Settings
 from .episodes import EpisodeBook
 from .finding import Finding
+from .reliability import CLIENT, FailWindow, HashWindow, failure_class
 from .state import INF, ConsumerState, ModelCallBaseline, ModelState, RepeatState, RunState
+from .volume import BUCKET_S, NB
 
 SNAPSHOT_VERSION = 1
 TICK_S = 15.0
 SWEEP_S = 60.0
 EVICT_SWEEP_S = 600.0
-FAST_ALPHA = alpha_for_halflife(2.0)  # per-minute EW for the sustained spike rule
-FAST_SD = math.sqrt(FAST_ALPHA / (2.0 - FAST_ALPHA))  # sd of that EW relative to one minute
-MAX_DECAY = 0.5 ** (1.0 / 180.0)  # per minute: the recent-max of minute tokens halves in 3 h
 LEARN_SAMPLE = 4  # settled (consumer, model) call-size baselines learn from 1 call in 4
 MODEL_SAMPLE = 4  # model-wide call-size baselines learn from one call in this many
 PRIOR_RUN_HI = 30.0  # calls in a long normal agent run (tau-bench: 0-27 tool calls)
@@ -71,8 +70,9 @@ class Engine:
         self._models: dict[str, ModelState] = {}
         self._runs: dict[str, RunState] = {}
         self._repeats: dict[str, RepeatState] = {}
-        self._seen_cur: set[str] = set()
-        self._seen_prev: set[str] = set()
+        # request hashes seen once lately -> did that call fail (retry_storm)
+        self._seen_cur: dict[str, bool] = {}
+        self._seen_prev: dict[str, bool] = {}
         self._seen_rotate = -INF
         self._runaway_ts: dict[str, list[float]] = {}
         self._book = EpisodeBook(ec.update_interval_s, ec.update_growth)
@@ -139,7 +139,7 @@ class Engine:
             if not repeat_fail:
                 cs.fs += 1.0
                 cs.fl += 1.0
-            self._rule_failures(cs, ms, event, ts, out)
+            self._rule_failures(cs, ms, event, ts, out, repeat_fail)
         # failure baseline (calls that belong to an open failure episode do not teach it)
         if (cs.fs < fc.min_failures or cs.fs < 2.0 * cs.ns * (cs.f_base + 1.0) / (
                 cs.n_base + 50.0)) and not self._failure_open(cs):
@@ -157,11 +157,14 @@ class Engine:
         if tid is not None or sid is not None:
             self._rule_runs(cs, event, ts, tokens, failed, tid, sid, out)
 
-        # -- spikes inside the current minute
-        if cs.m_tok > cs.thr_tok and cs.m_calls >= cfg.token_spike.min_calls:
-            self._rule_token_spike(cs, ts, event, out, sustained=False)
-        if cs.m_cost > cs.thr_cost:
-            self._rule_cost_spike(cs, ts, event, out, sustained=False)
+        # -- token / cost rate on the sliding 60 s window (token_spike, cost_spike)
+        vol = cs.vol
+        b = int(ts // BUCKET_S)
+        if b > vol.b:
+            self._roll_volume(cs, b, ts)
+        if vol.add(tokens, cost, tid if tid is not None else sid if sid is not None else
+                   rh if rh is not None else event.event_id, vol.b % NB):
+            self._check_volume(cs, ts, event, out)
         return out
 
     def advance(self, now: datetime) -> list[Finding]:
@@ -266,141 +269,205 @@ class Engine:
 
     # ------------------------------------------------------------- minutes
     def _close_minutes(self, cs: ConsumerState, m: int, ts: float, out: list[Finding]) -> None:
-        """Close the consumer's current minute (and the empty minutes after it)
-        and compute the thresholds for minute ``m``."""
-        cfg = cs.cfg
-        tc = cfg.token_spike
-        cc = cfg.cost_spike
+        """Close the consumer's current minute (and the empty minutes after it):
+        the 5 min token / cost windows are tested and learnt from, and the
+        per-minute baselines other rules use (calls per minute, the river
+        token series) are updated.  Nothing learns while an episode of its kind
+        is open (after two hours the new level is accepted)."""
+        tc = cs.cfg.token_spike
         gap = m - cs.minute - 1
-        x_tok, x_cost, x_calls = cs.m_tok, cs.m_cost, cs.m_calls
-        # the sustained rule: a 2-minute EW of the minute totals against the baseline
-        f1 = 1.0 - FAST_ALPHA
-        cs.tok_fast += FAST_ALPHA * (x_tok - cs.tok_fast)
-        cs.cost_fast += FAST_ALPHA * (x_cost - cs.cost_fast)
-        cs.calls_fast += FAST_ALPHA * (x_calls - cs.calls_fast)
-        thr_max = cs.tok_max * tc.ratio_to_recent_max
-        tok, cost = cs.tok, cs.cost
-        warm = tok.n >= tc.warmup_min
-        if warm and cs.calls_fast >= tc.min_calls / 2.0:
-            if cs.tok_fast > max(thr_max * 0.5, self._fast_thr(
-                    tok.mean, tok.sd(), tc.ratio, tc.z, tc.min_tokens_per_min)):
-                self._rule_token_spike(cs, ts, None, out, sustained=True)
-            if cs.cost_fast > self._fast_thr(cost.mean, cost.sd(), cc.ratio, cc.z,
-                                             cc.min_cost_per_min):
-                self._rule_cost_spike(cs, ts, None, out, sustained=True)
-        if gap > 0:
-            d = f1 ** min(gap, 10_000)
-            cs.tok_fast *= d
-            cs.cost_fast *= d
-            cs.calls_fast *= d
-        # the baselines learn from normal minutes only: a minute inside an open
-        # spike episode is skipped (after two hours the level shift is learnt,
-        # clipped at the threshold, so a permanent change stops firing)
-        tenant, key = cs.tenant, cs.key
-        tok_ep = self._book.open.get(("token_spike", "consumer", key, tenant))
-        cost_ep = self._book.open.get(("cost_spike", "consumer", key, tenant))
+        x_tok, x_calls = cs.m_tok, cs.m_calls
+        learn_t, learn_c = self._spike_learn(cs, ts)
+        vol = cs.vol
+        st, sc, n5 = vol.window5(float(x_tok), cs.m_cost, float(x_calls))
+        thr_t = thr_c = INF
+        if self._young(cs, ts) < INF:
+            thr_t, thr_c = self._sustained(cs, ts, st, sc, n5, out)
+        vol.advance5(m, st, sc, learn_t, learn_c, 1.0 - self._alpha(tc.max_halflife_min),
+                     thr_t, thr_c)
+        tok = cs.tok
         ca = self._alpha(tc.halflife_min)
-        if tok_ep is None or ts - tok_ep.first_ts > 7200:
-            tok.update(min(x_tok, cs.thr_tok) if tok_ep is not None else x_tok)
-            mx = cs.tok_max * MAX_DECAY ** (gap + 1)
-            cs.tok_max = x_tok if x_tok > mx else mx
+        if learn_t:
+            tok.update(x_tok)
             cs.cpm.update(x_calls, ca)
-        if cost_ep is None or ts - cost_ep.first_ts > 7200:
-            cost.update(min(x_cost, cs.thr_cost) if cost_ep is not None else x_cost)
         if gap > 0:
             tok.fill_zeros(gap)
-            cost.fill_zeros(gap)
             cs.cpm.fill_zeros(gap, ca)
         cs.minute = m
         cs.m_tok = 0
         cs.m_cost = 0.0
         cs.m_calls = 0
         cs.m_fail = 0
-        if tok.n >= tc.warmup_min:
-            cs.thr_tok = (max(tc.min_tokens_per_min, tc.ratio * tok.mean,
-                              tok.mean + tc.z * tok.sd(), tc.ratio_to_recent_max * cs.tok_max)
-                          if tc.enabled else INF)
-            cs.thr_cost = (max(cc.min_cost_per_min, cc.ratio * cost.mean,
-                               cost.mean + cc.z * cost.sd()) if cc.enabled else INF)
-        else:
-            cs.thr_tok = tc.max_tokens_per_min if tc.enabled and tc.max_tokens_per_min else INF
-            cs.thr_cost = cc.max_cost_per_min if cc.enabled and cc.max_cost_per_min else INF
+
+    def _spike_learn(self, cs: ConsumerState, ts: float) -> tuple[bool, bool]:
+        """May the token (cost) baselines learn now?  Not while a token_spike
+        (cost_spike) episode of the consumer is open, unless it is two hours
+        old (then the new level is accepted)."""
+        op = self._book.open
+        ep = op.get(("token_spike", "consumer", cs.key, cs.tenant))
+        ep2 = op.get(("cost_spike", "consumer", cs.key, cs.tenant))
+        return (ep is None or ts - ep.first_ts > 7200.0,
+                ep2 is None or ts - ep2.first_ts > 7200.0)
 
     @staticmethod
-    def _fast_thr(mean: float, sd: float, ratio: float, z: float, floor: float) -> float:
-        # a sustained level: half the single-minute ratio, and a z-test on the
-        # EW mean of the last few minutes (its sd is FAST_SD x a minute's sd)
-        return max(floor, 0.5 * ratio * mean, mean + z * FAST_SD * sd, 2.0 * mean)
+    def _young(cs: ConsumerState, ts: float) -> float:
+        """inf during the warm-up (``warmup_min`` since the first call and
+        ``warmup_buckets`` active 10 s buckets), then the factor that widens
+        the recent-maximum rule while the history is short (2 at the end of
+        the warm-up, towards 1 as the consumer ages)."""
+        tc = cs.cfg.token_spike
+        age = ts - cs.first_ts
+        n = cs.vol.n
+        w = tc.warmup_min * 60.0
+        if age < w or n < tc.warmup_buckets:
+            return INF
+        return 1.0 + 0.5 * (w / age + tc.warmup_buckets / n)
+
+    def _roll_volume(self, cs: ConsumerState, b: int, ts: float) -> None:
+        """Close the 10 s bucket(s) of the 60 s window and set the thresholds
+        of bucket ``b`` (see :mod:`detectors.volume`)."""
+        tc = cs.cfg.token_spike
+        cc = cs.cfg.cost_spike
+        vol = cs.vol
+        learn_t, learn_c = self._spike_learn(cs, ts)
+        per_bucket = 60.0 / BUCKET_S
+        vol.roll(b, learn_t, learn_c, self._alpha(tc.halflife_min * per_bucket),
+                 1.0 - self._alpha(tc.max_halflife_min * per_bucket))
+        young = self._young(cs, ts)
+        if young < INF:
+            win = NB * vol.mean_t
+            thr_t = (max(tc.min_tokens_per_min, tc.ratio * win,
+                         young * tc.ratio_to_recent_max * vol.max1_t) if tc.enabled else INF)
+            win = NB * vol.mean_c
+            thr_c = (max(cc.min_cost_per_min, cc.ratio * win,
+                         young * cc.ratio_to_recent_max * vol.max1_c) if cc.enabled else INF)
+            # price rule: at price_jump x the usual cost per token, a smaller rise counts
+            thr_p = max(cc.min_cost_per_min, young * cc.price_jump_volume_ratio * win)
+        else:
+            thr_t = tc.max_tokens_per_min if tc.enabled and tc.max_tokens_per_min else INF
+            thr_c = thr_p = cc.max_cost_per_min if cc.enabled and cc.max_cost_per_min else INF
+        vol.set_thresholds(thr_t, min(thr_c, thr_p), thr_c)
+
+    def _check_volume(self, cs: ConsumerState, ts: float, event: UsageEvent,
+                      out: list[Finding]) -> None:
+        """The 60 s window reached a pre-filter threshold: test it trimmed (its
+        largest call removed), with enough calls and no dominating source."""
+        vol = cs.vol
+        if vol.dominated1():
+            return  # one run, session or request: agent_loop / context_bloat / repeats
+        mt, mc = vol.largest1(vol.b % NB)
+        st, sc, n = vol.wt - mt, vol.wc - mc, vol.wn
+        tc, cc = cs.cfg.token_spike, cs.cfg.cost_spike
+        bp = vol.base_price()
+        pricey = bp > 0 and vol.wt > 0 and vol.wc >= cc.price_ratio * bp * vol.wt
+        if pricey:
+            # a jump of the (trimmed) cost per token needs less volume
+            thr = (vol.thr_c if st > 0 and sc >= cc.price_jump * bp * st else vol.thr_cf)
+            if sc >= thr and n >= cc.min_calls:
+                self._rule_cost_spike(cs, ts, event, out, sustained=False, obs=sc,
+                                      thr=thr, calls=n)
+        elif st >= vol.thr_t and n >= tc.min_calls:
+            self._rule_token_spike(cs, ts, event, out, sustained=False, obs=st, thr=vol.thr_t,
+                                   calls=n)
+
+    def _sustained(self, cs: ConsumerState, ts: float, st: float, sc: float, n: float,
+                   out: list[Finding]) -> tuple[float, float]:
+        """The 5 min window (closed minutes, trimmed), two windows in a row;
+        returns its thresholds."""
+        tc, cc = cs.cfg.token_spike, cs.cfg.cost_spike
+        vol = cs.vol
+        per_min = 60.0 / BUCKET_S
+        young = self._young(cs, ts)
+        thr_t = max(5.0 * tc.sustained_min_tokens_per_min,
+                    tc.sustained_ratio * 5.0 * per_min * vol.mean_t,
+                    young * tc.sustained_ratio_to_recent_max * vol.max5_t)
+        thr_c = max(5.0 * cc.sustained_min_cost_per_min,
+                    cc.sustained_ratio * 5.0 * per_min * vol.mean_c,
+                    young * cc.sustained_ratio_to_recent_max * vol.max5_c)
+        hit_t = hit_c = False
+        if (st >= thr_t or sc >= thr_c) and not vol.dominated5():
+            bp = vol.base_price()
+            tot_t = st + 1.0
+            pricey = bp > 0 and sc >= cc.price_ratio * bp * tot_t
+            hit_c = pricey and sc >= thr_c and n >= cc.min_calls and cc.enabled
+            hit_t = not pricey and st >= thr_t and n >= tc.min_calls and tc.enabled
+        h = vol.hits5
+        h = (h & 7) + 1 if hit_t else h & ~7
+        h = ((h >> 3) + 1) << 3 | (h & 7) if hit_c else h & 7
+        vol.hits5 = h
+        if hit_t and h & 7 >= 2:
+            self._rule_token_spike(cs, ts, None, out, sustained=True, obs=st, thr=thr_t, calls=n)
+        if hit_c and h >> 3 >= 2:
+            self._rule_cost_spike(cs, ts, None, out, sustained=True, obs=sc, thr=thr_c, calls=n)
+        return thr_t, thr_c
 
     # ------------------------------------------------------- token / cost
     def _rule_token_spike(self, cs: ConsumerState, ts: float, event: UsageEvent | None,
-                          out: list[Finding], *, sustained: bool) -> None:
-        """token_spike: the current minute's tokens above
-        max(floor, ratio x mean, mean + z x sd) of the consumer's per-minute
-        baseline (EW with empty minutes as zeros, so bursts and silences are
-        part of normal), or the last few minutes' EW level above half that
-        ratio (a sustained rise)."""
+                          out: list[Finding], *, sustained: bool, obs: float, thr: float,
+                          calls: float) -> None:
+        """token_spike: the token rate of a sliding window (60 s, tested on
+        every event; or 5 min, tested each minute, twice in a row), without its
+        largest call, above max(floor, ratio x its EW mean, ratio_to_recent_max
+        x the largest recent normal window), with ``min_calls`` calls, no
+        dominating source and the usual cost per token (see
+        :mod:`detectors.volume`).  ``obs`` and ``thr`` are per window."""
         tc = cs.cfg.token_spike
         if not tc.enabled:
             return
-        tok = cs.tok
-        if sustained:
-            obs, thr = cs.tok_fast, self._fast_thr(tok.mean, tok.sd(), tc.ratio, tc.z,
-                                                   tc.min_tokens_per_min)
-            thr = max(thr, 0.5 * tc.ratio_to_recent_max * cs.tok_max)
-        else:
-            obs, thr = float(cs.m_tok), cs.thr_tok
-        base = tok.mean
-        evidence: dict[str, Any] = {"rule": "sustained" if sustained else "minute",
-                                    "tokens_this_minute": cs.m_tok,
-                                    "baseline_mean": round(base, 1),
-                                    "baseline_sd": round(tok.sd(), 1)}
+        vol = cs.vol
+        win = 5.0 if sustained else 1.0
+        base = NB * vol.mean_t
+        rmax = (vol.max5_t / 5.0) if sustained else vol.max1_t
+        evidence: dict[str, Any] = {"rule": "window_5m" if sustained else "window_60s",
+                                    "tokens_per_min": round(obs / win), "calls": int(calls),
+                                    "baseline_tokens_per_min": round(base, 1),
+                                    "recent_normal_max_per_min": round(rmax, 1)}
         if event is not None:
             evidence["event_id"] = event.event_id
+        per_min = obs / win
         self._fire(out, kind="token_spike", scope="consumer", subject=cs.key, tenant=cs.tenant,
                    consumer=cs.key, model=event.model if event is not None else None, ts=ts,
-                   first_ts=cs.minute * 60.0, observed=obs, baseline=base, threshold=thr,
-                   severity="warning", action="alert",
-                   summary=(f"{cs.key}: {_fmt(obs)} tokens/min vs a baseline of {_fmt(base)} "
-                            f"(threshold {_fmt(thr)})"),
-                   evidence=evidence, quiet_s=tc.quiet_s)
+                   first_ts=ts - 60.0 * win, observed=round(per_min, 1), baseline=base,
+                   threshold=thr / win,
+                   summary=(f"{cs.key}: {_fmt(per_min)} tokens/min over the last "
+                            f"{win:.0f} min ({int(calls)} calls, largest left out) vs a "
+                            f"baseline of {_fmt(base)} and a recent normal high of "
+                            f"{_fmt(rmax)} (threshold {_fmt(thr / win)})"),
+                   severity="warning", action="alert", evidence=evidence, quiet_s=tc.quiet_s)
 
     def _rule_cost_spike(self, cs: ConsumerState, ts: float, event: UsageEvent | None,
-                         out: list[Finding], *, sustained: bool) -> None:
-        """cost_spike: cost per minute above its threshold (as token_spike)
-        and *not explained by token volume*: either tokens are below their own
-        threshold or the cost per token is ``price_ratio`` x its baseline
-        (a switch to an expensive model, or outputs instead of inputs)."""
+                         out: list[Finding], *, sustained: bool, obs: float, thr: float,
+                         calls: float) -> None:
+        """cost_spike: the cost rate of a window above its threshold (as
+        token_spike, on cost) *and not explained by token volume*: the cost
+        per token is ``price_ratio`` x its baseline (a switch to an expensive
+        model, or outputs instead of inputs).  A rise in volume at the usual
+        price is a token spike and is reported as such."""
         cc = cs.cfg.cost_spike
         if not cc.enabled:
             return
-        cost, tok = cs.cost, cs.tok
-        if sustained:
-            obs, thr = cs.cost_fast, self._fast_thr(cost.mean, cost.sd(), cc.ratio, cc.z,
-                                                    cc.min_cost_per_min)
-            obs_tok = cs.tok_fast
-        else:
-            obs, thr = cs.m_cost, cs.thr_cost
-            obs_tok = float(cs.m_tok)
-        base_price = cost.mean / tok.mean if tok.mean > 0 else 0.0
-        price = obs / obs_tok if obs_tok > 0 else 0.0
-        if not (base_price > 0 and price >= cc.price_ratio * base_price):
-            return  # volume, not price: a token spike, reported as such
+        vol = cs.vol
+        win = 5.0 if sustained else 1.0
+        base = NB * vol.mean_c
+        bp = vol.base_price()
+        price = vol.wc / vol.wt if vol.wt > 0 else 0.0
+        per_min = obs / win
         evidence: dict[str, Any] = {
-            "rule": "sustained" if sustained else "minute", "cost_this_minute": round(cs.m_cost, 4),
-            "tokens_this_minute": cs.m_tok, "baseline_mean": round(cost.mean, 4),
-            "cost_per_mtok": round(price * 1e6, 3), "baseline_cost_per_mtok": round(
-                base_price * 1e6, 3)}
+            "rule": "window_5m" if sustained else "window_60s",
+            "cost_per_min": round(per_min, 4), "calls": int(calls),
+            "baseline_cost_per_min": round(base, 4),
+            "cost_per_mtok": round(price * 1e6, 3),
+            "baseline_cost_per_mtok": round(bp * 1e6, 3)}
         if event is not None:
             evidence["event_id"] = event.event_id
             evidence["model"] = event.model
         self._fire(out, kind="cost_spike", scope="consumer", subject=cs.key, tenant=cs.tenant,
                    consumer=cs.key, model=event.model if event is not None else None, ts=ts,
-                   first_ts=cs.minute * 60.0, observed=obs, baseline=cost.mean, threshold=thr,
-                   severity="warning", action="alert",
-                   summary=(f"{cs.key}: cost {obs:.3f}/min vs a baseline of {cost.mean:.3f} "
-                            f"(threshold {thr:.3f}); {price * 1e6:.2f} per Mtok vs "
-                            f"{base_price * 1e6:.2f}"),
+                   first_ts=ts - 60.0 * win, observed=round(per_min, 4), baseline=base,
+                   threshold=thr / win, severity="warning", action="alert",
+                   summary=(f"{cs.key}: cost {per_min:.3f}/min over the last {win:.0f} min "
+                            f"vs a baseline of {base:.3f} (threshold {thr / win:.3f}); "
+                            f"{price * 1e6:.2f} per Mtok vs {bp * 1e6:.2f}"),
                    evidence=evidence, quiet_s=cc.quiet_s)
 
     # ----------------------------------------------------------- failures
@@ -411,19 +478,26 @@ class Engine:
         return (f_base + prior_rate * prior_calls) / (n_base + prior_calls)
 
     def _rule_failures(self, cs: ConsumerState, ms: ModelState, event: UsageEvent, ts: float,
-                       out: list[Finding]) -> None:
+                       out: list[Finding], repeat_fail: bool = False) -> None:
         """failure_spike (consumer scope) and the retry_storm rate rule.
 
-        failure_spike: the failures of *distinct* requests (retries of a
-        failing request_hash are not counted twice) in a decayed window
-        (short: 30 s, long: 300 s) against the consumer's baseline rate p0
-        (EW over calls with a Beta prior of ``prior_rate``): fires when there
-        are at least ``min_failures``, the rate is at least
-        max(min_rate, min_ratio x p0), and the one-sided binomial test
-        rejects p0 at ``10**log10_alpha`` (Chernoff bound).  It defers to the
-        model scope when other consumers of the model fail too (an upstream
-        outage is not the consumer's fault) and to retry_storm when the call
-        rate jumped.
+        failure_spike: the consumer's last ``window_failures`` failures of
+        *distinct* requests (retries of a failing request_hash are not counted
+        twice) are kept with the consumer's call counter, so the calls after
+        each of them and the failures among them are exact sliding windows
+        (see :meth:`detectors.reliability.FailWindow.scan`).  A window fires
+        when it has at least ``min_failures`` failures, a rate of at least
+        max(min_rate, min_ratio x p0), and the one-sided binomial tail
+        P(X >= f | n, p) is below ``10**log10_alpha``, p being the upper bound
+        (mean + ``baseline_z`` sd) of the consumer's baseline rate p0 (EW over
+        calls with a Beta prior of ``prior_rate``, so new and small consumers
+        have a sane rate).  Checked at every failure: a busy consumer is
+        caught within seconds, a small one after a handful of failed calls.
+        Upstream-class failures (5xx, 429, timeouts) defer to the model scope
+        when other consumers of the model fail too or an outage is open (an
+        upstream outage is not the consumer's fault); client-class failures
+        (401, 403, 400, ...) are the consumer's own.  A jump of the call
+        rate while most calls fail is a retry storm, not a failure spike.
 
         retry_storm (rate rule): calls in the last ~30 s, per minute, above
         max(rate_min_calls, rate_ratio x mean + rate_z x sd) of the consumer's
@@ -432,6 +506,19 @@ class Engine:
         cfg = cs.cfg
         fc = cfg.failure_spike
         rc = cfg.retry_storm
+        cls = failure_class(event.status, event.error)
+        if not repeat_fail and fc.enabled:
+            w = cs.fwin
+            if w is None:
+                w = cs.fwin = FailWindow(max(2, fc.window_failures))
+            # an upstream failure on a model that fails for its other consumers
+            # too is the upstream's, not evidence against this consumer
+            if cls == CLIENT or not (
+                    self._is_open("failure_spike", "model", event.model, "*", ts)
+                    or self._model_failing_elsewhere(ms, cs.key)):
+                w.add(ts, cs.calls, cls)
+            else:
+                cls = 0  # not counted
         model = event.model
         if len(cs.models) > 1:
             # the model this consumer's recent failures are on
@@ -449,49 +536,77 @@ class Engine:
         cpm_sd = cpm.sd()
         warm_rate = cs.tok.n >= rc.warmup_min
         rate_thr = max(rc.rate_min_calls, rc.rate_ratio * cpm.mean + rc.rate_z * cpm_sd)
-        fs_all = cs.fs
-        if (rc.enabled and warm_rate and rate_now >= rate_thr and not outage
-                and fs_all >= rc.rate_min_fail_share * cs.ns):
+        fail_share = cs.fs / cs.ns
+        w = cs.fwin
+        jump = rate_now >= rate_thr and fail_share >= rc.rate_min_fail_share
+        if not jump and w is not None and rc.enabled and warm_rate:
+            # the exact window: calls and failures since the oldest failure of the
+            # last minute (the decayed rate lags a sudden jump by tens of seconds)
+            fw, nw, dw = w.recent(cs.calls, ts, 60.0)
+            if nw >= rc.rate_min_calls and fw >= rc.rate_min_fail_share * nw:
+                r = 60.0 * nw / max(dw, 20.0)
+                if r >= rate_thr:
+                    jump, rate_now, fail_share = True, r, fw / nw
+        if rc.enabled and warm_rate and jump and not outage:
             self._fire(out, kind="retry_storm", scope="consumer", subject=cs.key,
                        tenant=cs.tenant, consumer=cs.key, model=model, ts=ts, first_ts=ts - 30,
                        observed=rate_now, baseline=cpm.mean, threshold=rate_thr,
                        severity="critical", action="block",
                        summary=(f"{cs.key}: {rate_now:.0f} calls/min vs a baseline of "
-                                f"{cpm.mean:.1f}, {100 * fs_all / cs.ns:.0f}% failing"),
+                                f"{cpm.mean:.1f}, {100 * fail_share:.0f}% failing"),
                        evidence={"rule": "rate_jump", "event_id": event.event_id,
                                  "error": event.error, "status": event.status,
-                                 "fail_share": round(fs_all / cs.ns, 3)},
+                                 "fail_share": round(fail_share, 3)},
                        quiet_s=rc.quiet_s)
             return
-        if not fc.enabled or cs.calls < fc.warmup_calls or outage:
+        if w is None or not fc.enabled or cs.calls < fc.warmup_calls:
             return
         p0 = self._p0(cs.f_base, cs.n_base, fc.prior_rate, fc.prior_calls)
-        need = -fc.log10_alpha * LN10
+        p_hi = min(0.5, p0 + fc.baseline_z * math.sqrt(p0 * (1.0 - p0) / (
+            cs.n_base + fc.prior_calls)))
         floor = max(fc.min_rate, fc.min_ratio * p0)
-        hit = None
-        for n, f in ((cs.ns, cs.fs), (cs.nl, cs.fl)):
-            if f >= fc.min_failures and f >= floor * n:
-                s = binom_surprise(f, n, p0)
-                if s >= need:
-                    hit = (n, f, s)
-                    break
+        k = math.ceil(fc.min_failures)
+        hit = w.scan(cs.calls, ts, p_hi, k, floor, fc.max_window_s, fc.log10_alpha)
+        if cls == CLIENT and not repeat_fail:
+            # client errors (auth, bad requests) against their own, much lower,
+            # baseline: a few 401s stand out even when 5xx/429 are common.  A
+            # client error teaches that baseline unless it is part of a cluster
+            # (any window at p <= 1e-3)
+            keep = math.log1p(-1.0 / fc.baseline_halflife_calls)
+            pc = (w.client_base(cs.calls, keep) + fc.client_prior_rate * fc.prior_calls) / (
+                cs.n_base + fc.prior_calls)
+            pc_hi = min(0.5, pc + fc.baseline_z * math.sqrt(pc * (1.0 - pc) / (
+                cs.n_base + fc.prior_calls)))
+            fl_c = max(fc.min_rate, fc.min_ratio * pc)
+            if hit is None:
+                hit = w.scan(cs.calls, ts, pc_hi, k, fl_c, fc.max_window_s, fc.log10_alpha,
+                             only=CLIENT)
+                if hit is not None:
+                    p0, floor = pc, fl_c
+            if hit is None and not self._failure_open(cs) and w.scan(
+                    cs.calls, ts, pc_hi, 2, 0.0, fc.max_window_s, -3.0, only=CLIENT) is None:
+                w.teach_client(cs.calls, keep)
         if hit is None:
             return
-        if self._is_open("retry_storm", "consumer", cs.key, cs.tenant, ts):
-            return
+        f, n, lp, t_start = hit
+        upstream = w.client_share(f) < 0.5
+        if upstream and (outage or self._model_failing_elsewhere(ms, cs.key)):
+            return  # looks like the upstream: the model scope decides
+        if self._book.keep_alive("retry_storm", "consumer", cs.key, cs.tenant, ts):
+            return  # the failures of an ongoing retry storm
         if rate_now >= max(10.0, 2.0 * (cpm.mean + cpm_sd)) and warm_rate:
             return  # a rate jump: the retry_storm rate rule decides
-        if self._model_failing_elsewhere(ms, cs.key):
-            return  # looks like the upstream: the model scope decides
-        n, f, s = hit
         self._fire(out, kind="failure_spike", scope="consumer", subject=cs.key, tenant=cs.tenant,
-                   consumer=cs.key, model=model, ts=ts, first_ts=ts - 30, observed=f / n,
+                   consumer=cs.key, model=model, ts=ts, first_ts=t_start, observed=f / n,
                    baseline=p0, threshold=floor, severity="warning", action="alert",
-                   summary=(f"{cs.key}: {100 * f / n:.0f}% of {n:.0f} recent calls failed vs a "
-                            f"baseline of {100 * p0:.1f}% (p < 1e{-s / LN10:.0f})"),
+                   summary=(f"{cs.key}: {f} of the last {n} calls failed "
+                            f"({100 * f / n:.0f}%, {ts - t_start:.0f} s) vs a baseline of "
+                            f"{100 * p0:.1f}% (p < 1e{lp:.0f}; "
+                            f"{'upstream' if upstream else 'client'} errors)"),
                    evidence={"event_id": event.event_id, "status": event.status,
-                             "error": event.error, "failures": round(f, 1),
-                             "calls": round(n, 1), "log10_p": round(-s / LN10, 1)},
+                             "error": event.error, "failures": f, "calls": n,
+                             "window_s": round(ts - t_start, 1), "log10_p": round(lp, 1),
+                             "error_class": "upstream" if upstream else "client"},
                    quiet_s=fc.quiet_s)
 
     def _model_failing_elsewhere(self, ms: ModelState, consumer: str) -> bool:
@@ -588,30 +703,42 @@ class Engine:
                 out: list[Finding]) -> bool:
         """Track a request_hash; return True when this call repeats a failing request.
 
-        retry_storm (hash rule): attempts of one request_hash counted with
-        exponential decay (``tau_s``): fires at ``min_attempts`` decayed
-        attempts of which ``min_fail_share`` failed (1-2 retries after an
-        error stay far below; a cron job every few minutes decays to ~1), or
-        ``min_attempts_success`` attempts that all come from one caller (same
-        user/session) without failures.  A popular FAQ repeats from many users
-        and is never a storm.
+        retry_storm (hash rule, see :meth:`_storm_check`): the last attempts
+        of a repeating request_hash are kept in a tiny ring (created at its
+        second sighting), so the rule fires at the attempt that makes
+        ``min_attempts`` within ``window_s``, ``min_fail_share`` of them
+        failed (1-2 retries after an error stay far below; a cron job every
+        few minutes never gets there); or at ``min_attempts_success`` decayed
+        attempts (``tau_s``) that all come from one caller (same user/session)
+        without failures.  A popular FAQ repeats from many users and mostly
+        succeeds: never a storm.
 
         cache_opportunity (info): ``min_repeats`` successful answers of the
         same hash, none of them with cached input tokens.
         """
         if ts >= self._seen_rotate:
             self._seen_prev = self._seen_cur
-            self._seen_cur = set()
+            self._seen_cur = {}
             self._seen_rotate = ts + self.config.engine.repeat_horizon_s / 2.0
         k = cs.key + "\x1f" + rh
         rs = self._repeats.get(k)
+        rc = cs.cfg.retry_storm
         if rs is None:
-            if k not in self._seen_cur and k not in self._seen_prev:
-                self._seen_cur.add(k)
-                return False
+            first_failed = self._seen_cur.get(k)
+            if first_failed is None:
+                first_failed = self._seen_prev.get(k)
+                if first_failed is None:
+                    self._seen_cur[k] = failed
+                    return False
             rs = self._repeats[k] = RepeatState(cs.key, rh, ts, event.model,
                                                 (event.user, event.session_id))
-        rc = cs.cfg.retry_storm
+            if first_failed:
+                rs.f = 1.0
+                rs.total_fail = 1
+            if rc.enabled:
+                # the earlier sighting's time is not kept: counted as now
+                rs.win = HashWindow(min(32, max(2, math.ceil(rc.min_attempts))))
+                rs.win.add(ts, first_failed)
         prev_fail = rs.f > 0.5 or rs.total_fail > 0
         dt = ts - rs.t
         if dt > 0:
@@ -621,6 +748,9 @@ class Engine:
             rs.t = ts
         rs.c += 1.0
         rs.total += 1
+        win = rs.win
+        if win is not None:
+            win.add(ts, failed)
         if len(rs.ids) < 4:
             rs.ids.append(event.event_id)
         if not rs.mixed and (event.user, event.session_id) != rs.ident:
@@ -649,24 +779,45 @@ class Engine:
                            evidence={"request_hash": rh, "event_ids": list(rs.ids),
                                      "input_tokens": event.input_tokens},
                            quiet_s=co.quiet_s)
-        if rc.enabled and rs.c >= rc.min_attempts and (
-                (rs.f >= rc.min_fail_share * rs.c)
-                or (not rs.mixed and rs.c >= rc.min_attempts_success)) and not (
-                failed and self._is_open("failure_spike", "model", event.model, "*", ts)):
-            fail_share = rs.f / rs.c
-            self._fire(out, kind="retry_storm", scope="consumer", subject=cs.key,
-                       tenant=cs.tenant, consumer=cs.key, model=event.model, ts=ts,
-                       first_ts=rs.first_ts, observed=rs.c, baseline=1.0 + 2 * fail_share,
-                       threshold=rc.min_attempts, severity="critical", action="block",
-                       summary=(f"{cs.key}: request {rh[:16]} sent {rs.total} times "
-                                f"(~{rs.c:.0f} in the last {rc.tau_s:.0f} s), "
-                                f"{100 * fail_share:.0f}% failing"),
-                       evidence={"rule": "same_request", "request_hash": rh,
-                                 "event_ids": list(rs.ids), "attempts": rs.total,
-                                 "failed": rs.total_fail, "error": event.error,
-                                 "attempt": event.attempt},
-                       quiet_s=rc.quiet_s)
+        # the decayed count bounds the window count (c >= n_w / e): cheap pre-check
+        if rc.enabled and (rs.c >= 0.36 * rc.min_attempts or rs.c >= rc.min_attempts_success):
+            self._storm_check(cs, rs, event, rh, ts, out)
         return failed and prev_fail
+
+    def _storm_check(self, cs: ConsumerState, rs: RepeatState, event: UsageEvent, rh: str,
+                     ts: float, out: list[Finding]) -> None:
+        """retry_storm, same-request rule: ``min_attempts`` attempts of one
+        request_hash within ``window_s`` (exact sliding window), at least
+        ``min_fail_share`` of them failed; or ``min_attempts_success``
+        decayed attempts from one caller without failures.  Not while the
+        model has an open upstream outage (the upstream's fault, never block)."""
+        rc = cs.cfg.retry_storm
+        n_w, f_w = rs.win.count(rc.window_s, ts) if rs.win is not None else (0, 0)
+        # the ring holds only the last min_attempts attempts: the share of the
+        # decayed counts (all recent attempts) must agree, or one error and its
+        # two retries among a popular prompt's many answers would look failing
+        failing = (n_w >= rc.min_attempts and f_w >= rc.min_fail_share * n_w
+                   and rs.f >= rc.min_fail_share * rs.c)
+        if not failing and (rs.mixed or rs.c < rc.min_attempts_success or rs.f > 0.5):
+            return
+        if failing and self._is_open("failure_spike", "model", event.model, "*", ts):
+            return
+        fail_share = f_w / n_w if failing else rs.f / rs.c
+        self._fire(out, kind="retry_storm", scope="consumer", subject=cs.key,
+                   tenant=cs.tenant, consumer=cs.key, model=event.model, ts=ts,
+                   first_ts=rs.first_ts, observed=float(n_w) if failing else rs.c,
+                   baseline=3.0, threshold=rc.min_attempts if failing
+                   else rc.min_attempts_success, severity="critical", action="block",
+                   summary=(f"{cs.key}: request {rh[:16]} sent {rs.total} times "
+                            + (f"({n_w} in the last {rc.window_s:.0f} s), "
+                               if failing else f"(~{rs.c:.0f} in the last {rc.tau_s:.0f} s), ")
+                            + f"{100 * fail_share:.0f}% failing"),
+                   evidence={"rule": "same_request", "request_hash": rh,
+                             "event_ids": list(rs.ids), "attempts": rs.total,
+                             "failed": rs.total_fail, "attempts_in_window": n_w,
+                             "failed_in_window": f_w, "error": event.error,
+                             "attempt": event.attempt},
+                   quiet_s=rc.quiet_s)
 
     def _sweep_repeats(self, now: float) -> None:
         lim = now - self.config.engine.repeat_horizon_s
@@ -679,11 +830,16 @@ class Engine:
         """runaway_reasoning: one call whose thinking (reasoning tokens, or
         output tokens for a model that reports none) or duration is extreme:
 
-        * guardrails (no warm-up): duration >= ``max_latency_s``; thinking >=
-          ``max_think_tokens``; ``finish_reason=length`` with at least
+        * guardrails (no warm-up): duration >= ``max_latency_s`` on a call of a
+          reasoning model that also thought at least ``min_tokens`` and, once
+          a baseline exists, above its log mean + 0.7 z sd and
+          ``ratio_to_recent_max`` x its recent maximum (a slow call that
+          thought little is upstream latency, not runaway reasoning); thinking
+          >= ``max_think_tokens``; ``finish_reason=length`` with at least
           ``length_min_reasoning`` reasoning tokens making up most of the output
           (the reasoning budget was hit);
-        * relative: above ``min_tokens`` (or ``min_latency_s``) and above the
+        * relative: above ``min_tokens`` (and, for duration, on reasoning
+          models only, ``min_latency_s``) and above the
           (consumer, model) log-scale mean + z sd, ``ratio_to_mean`` x its
           geometric mean and ``ratio_to_recent_max`` x the largest call seen
           lately.  Before the (consumer, model) baseline has
@@ -713,7 +869,11 @@ class Engine:
         ref: ModelCallBaseline | None = b if b.think.n >= rcfg.warmup_calls else (
             ms.size if ms.size.think.n >= rcfg.warmup_calls and ms.size.has_reasoning
             else None)
-        if lat >= rcfg.max_latency_s and event.output_tokens > 0:
+        if (lat >= rcfg.max_latency_s and b.has_reasoning and think >= rcfg.min_tokens
+                and (ref is None or (think >= ref.think.limit(0.7 * rcfg.z)
+                                     and think >= rcfg.ratio_to_recent_max * ref.think.rmax))):
+            # a long call that also thought unusually much (a slow call with a
+            # normal amount of thinking is upstream latency, not runaway reasoning)
             rule = "max_latency"
         elif think >= rcfg.max_think_tokens:
             rule = "max_tokens"
@@ -727,13 +887,17 @@ class Engine:
             own = ref is b
             t = ref.think
             rmax_ratio = rcfg.ratio_to_recent_max * (1.0 if own else 2.0)
-            if (think >= rcfg.min_tokens and (not own or think >= t.limit(rcfg.z))
+            # output tokens of a model that reports no reasoning are not all
+            # thinking (long answers are normal): one sd more evidence there
+            zt = rcfg.z if b.has_reasoning else rcfg.z + 1.0
+            if (think >= rcfg.min_tokens and (not own or think >= t.limit(zt))
                     and think >= rmax_ratio * t.rmax
                     and think >= rcfg.ratio_to_mean * t.geomean()):
                 rule = "tokens"
             else:
                 la = ref.lat
-                if (lat >= rcfg.min_latency_s and (not own or lat >= la.limit(rcfg.z))
+                if (lat >= rcfg.min_latency_s and b.has_reasoning and think >= rcfg.min_tokens
+                        and (not own or lat >= la.limit(rcfg.z))
                         and lat >= rmax_ratio * la.rmax
                         and lat >= rcfg.ratio_to_mean * la.geomean()):
                     rule = "latency"
@@ -830,7 +994,14 @@ class Engine:
             else:
                 thr_c = max(ac.min_calls, ac.guard_calls)
                 thr_t = max(ac.min_tokens, 10 * ac.min_tokens)
-            if r.calls >= thr_c or (r.tokens >= thr_t and r.calls >= 0.5 * thr_c):
+            if tid is None:
+                # a session without an agent trace is a conversation: human
+                # turns, judged on a higher floor
+                thr_c = max(thr_c, ac.session_min_calls)
+            # the token rule does not judge a run whose input grew call after
+            # call for long (a session resending its history: context_bloat)
+            if r.calls >= thr_c or (r.tokens >= thr_t and r.calls >= 0.5 * thr_c
+                                    and not r.flagged & 8):
                 r.flagged |= 1
                 by_calls = r.calls / thr_c >= r.tokens / thr_t
                 obs, thr = (float(r.calls), thr_c) if by_calls else (float(r.tokens), thr_t)
@@ -866,15 +1037,22 @@ class Engine:
         if failed:
             return
         inp = event.input_tokens
-        if inp > s.last_input >= 0:
+        bc = cs.cfg.context_bloat
+        # growth is history resent call after call; a jump (x3 and more) is
+        # not (e.g. bigger prompts: token_spike) and restarts the streak
+        if s.last_input >= 0 and s.last_input < inp <= 3 * s.last_input + 4096:
             s.grow_n += 1
+            if s.grow_n + 1 >= bc.min_calls:
+                s.flagged |= 8
+                r.flagged |= 8
         else:
             s.grow_n = 0
             s.grow_first = inp
         s.last_input = inp
-        bc = cs.cfg.context_bloat
         if (bc.enabled and s.grow_n + 1 >= bc.min_calls and inp >= bc.min_input_tokens
-                and inp >= bc.min_growth * max(s.grow_first, 1)):
+                and inp >= bc.min_growth * max(s.grow_first, 1)
+                and event.cached_input_tokens <= bc.max_cached_share * inp
+                and not (s.flagged & 1 or r.flagged & 1)):  # an agent loop says more
             s.flagged |= 2
             sub = sid if sid is not None else tid
             self._fire(out, kind="context_bloat", scope="session", subject=sub or "",
@@ -900,7 +1078,7 @@ class Engine:
             idle = cs.cfg.agent_loop.run_idle_s if cs is not None else 600.0
             if now - r.last_ts >= idle:
                 done.append(k)
-                if cs is not None and not r.flagged:
+                if cs is not None and not r.flagged & 7:  # bit 8 (long growth) is normal
                     _learn(cs.run_calls, float(r.calls), 0.05, 0.995)
                     _learn(cs.run_tok, float(r.tokens), 0.05, 0.995)
                     cs.runs += 1

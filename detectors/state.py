@@ -13,6 +13,8 @@ from typing import Any
 
 from .baselines import EW, LogBaseline, MinuteSeries
 from .config import Settings
+from .reliability import FailWindow, HashWindow
+from .volume import Volume
 
 INF = float("inf")
 
@@ -20,15 +22,13 @@ INF = float("inf")
 class ConsumerState:
     __slots__ = (
         "calls",
-        "calls_fast",
         "cfg",
-        "cost",
-        "cost_fast",
         "cpm",
         "f_base",
         "first_ts",
         "fl",
         "fs",
+        "fwin",
         "key",
         "last_fail_model",
         "last_ts",
@@ -46,11 +46,8 @@ class ConsumerState:
         "runs",
         "t_fail",
         "tenant",
-        "thr_cost",
-        "thr_tok",
         "tok",
-        "tok_fast",
-        "tok_max",
+        "vol",
     )
 
     def __init__(self, key: str, tenant: str, cfg: Settings, ts: float) -> None:
@@ -66,14 +63,8 @@ class ConsumerState:
         self.m_fail = 0
         ts_cfg = cfg.token_spike
         self.tok = MinuteSeries(ts_cfg.halflife_min)  # tokens / minute (river)
-        self.cost = MinuteSeries(ts_cfg.halflife_min)  # cost / minute (river)
-        self.tok_fast = 0.0  # EW mean of tokens / minute, half-life 2 min (sustained rule)
-        self.cost_fast = 0.0
-        self.calls_fast = 0.0
-        self.tok_max = 0.0  # slowly decaying max of minute tokens (normal bursts)
         self.cpm = EW()  # calls / minute
-        self.thr_tok = INF  # thresholds for the current minute (inf during warm-up)
-        self.thr_cost = INF
+        self.vol = Volume(ts)  # 60 s / 5 min rate windows (token_spike, cost_spike)
         # failures: decayed counts (short and long window) and a slow baseline
         self.ns = self.fs = self.nl = self.fl = 0.0
         self.t_fail = ts
@@ -81,6 +72,7 @@ class ConsumerState:
         self.n_base = 0.0
         self.calls = 0
         self.last_fail_model: str | None = None
+        self.fwin: FailWindow | None = None  # last failures (failure_spike), lazily
         self.models: dict[str, ModelCallBaseline] = {}
         # agent runs: EW of log(calls) and log(tokens) per completed run
         self.runs = 0
@@ -139,6 +131,7 @@ class RepeatState:
         "total",
         "total_fail",
         "u",
+        "win",
     )
 
     def __init__(self, consumer: str, rh: str, ts: float, model: str, ident: Any) -> None:
@@ -157,6 +150,7 @@ class RepeatState:
         self.ident = ident
         self.mixed = False
         self.ids: list[str] = []
+        self.win: HashWindow | None = None  # last attempts (retry_storm), lazily
 
 
 class ModelState:

@@ -224,8 +224,8 @@ def test_overrides_and_tenant_settings():
     assert cfg.settings_for("acme", "y").runaway_reasoning.max_latency_s == 300
     assert not cfg.settings_for("acme", "quiet").runaway_reasoning.enabled
     assert cfg.settings_for("acme", "quiet").runaway_reasoning.max_latency_s == 300
-    evs = [event(0, T0, "quiet", latency_ms=1_000_000, output_tokens=10),
-           event(1, T0 + 1, "loud", latency_ms=1_000_000, output_tokens=10)]
+    big = {"latency_ms": 1_000_000, "output_tokens": 30_000, "reasoning_tokens": 29_000}
+    evs = [event(0, T0, "quiet", **big), event(1, T0 + 1, "loud", **big)]
     assert [f.consumer for f in run(evs, Engine(cfg))] == ["loud"]
 
 

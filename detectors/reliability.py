@@ -1,0 +1,204 @@
+"""Small, exact statistics for the reliability detectors (retry_storm,
+failure_spike, runaway_reasoning): sliding windows kept as tiny ring buffers
+of ints, and a tight binomial tail bound.
+
+Everything here is pure and cheap; the windows are created lazily, only for
+consumers that fail and request hashes that repeat.
+
+>>> round(log10_binom_tail(7, 7, 0.01), 1)   # 7 of 7 calls failing at a 1 % baseline
+-14.0
+>>> log10_binom_tail(1, 100, 0.02) == 0.0     # at or below expectation: no evidence
+True
+>>> -7 < log10_binom_tail(5, 100, 0.02) < -1  # 5 % of 100 at 2 %: weak evidence
+True
+>>> w = FailWindow(4)
+>>> for k, t in enumerate((10.0, 20.0, 30.0, 40.0, 50.0)):
+...     w.add(t, 10 * k)
+>>> w.size, w.get(0), w.get(3)  # newest first; the oldest record was overwritten
+(4, (50000, 40), (20000, 10))
+>>> r = HashWindow(4)
+>>> for t, bad in ((0.0, True), (1.0, True), (2.0, False), (3.0, True), (4.0, True)):
+...     r.add(t, bad)
+>>> r.count(60.0, 4.0), r.count(2.5, 4.0)   # (attempts, failures) within the last W s
+((4, 3), (3, 2))
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+
+LN10 = math.log(10.0)
+
+# status classes of a failed call
+CLIENT = 1  # 4xx except 408 / 429: the caller's own problem (auth, bad request, ...)
+UPSTREAM = 2  # 5xx, 429, 408, no answer (timeout, connect error): the provider's
+
+
+def failure_class(status: int, error: str | None) -> int:
+    """CLIENT for errors the caller causes, UPSTREAM for the provider's.
+
+    >>> failure_class(401, None), failure_class(503, None), failure_class(0, "timeout")
+    (1, 2, 2)
+    >>> failure_class(429, "rate_limited"), failure_class(200, "upstream_5xx")
+    (2, 2)
+    """
+    if 400 <= status < 500 and status not in (408, 429):
+        return CLIENT
+    return UPSTREAM
+
+
+def log10_binom_tail(f: int, n: int, p: float) -> float:
+    """log10 of an upper bound of ``P(X >= f)``, ``X ~ Binomial(n, p)``;
+    0.0 when ``f <= n p`` (no evidence).
+
+    The terms ``t_k`` of the tail decrease geometrically beyond the mean with
+    ratio ``r_k = (n - k) / (k + 1) * p / (1 - p)``, itself decreasing in k,
+    so ``P(X >= f) <= t_f / (1 - r_f)``: within a few percent of the exact
+    value for the small tails that matter, and three ``lgamma`` calls."""
+    if n <= 0 or f <= 0 or f <= n * p:
+        return 0.0
+    if f > n:
+        return -math.inf
+    q = 1.0 - p
+    r = (n - f) / (f + 1.0) * p / q
+    if r >= 1.0:
+        return 0.0
+    lt = (math.lgamma(n + 1.0) - math.lgamma(f + 1.0) - math.lgamma(n - f + 1.0)
+          + f * math.log(p) + (n - f) * math.log(q))
+    v = (lt - math.log1p(-r)) / LN10
+    return v if v < 0.0 else 0.0
+
+
+class FailWindow:
+    """The last ``k`` counted failures of one consumer: time (ms) and the
+    consumer's call counter at that failure, in two ``array('q')`` rings.
+    Windows are anchored at past failures: the calls after the j-th latest
+    failure and the failures among them are exact sliding-window counts."""
+
+    __slots__ = ("cbase", "cbase_at", "cls", "head", "idx", "size", "ts")
+
+    def __init__(self, k: int = 16) -> None:
+        self.ts = array("q", bytes(8 * k))
+        self.idx = array("q", bytes(8 * k))
+        self.cls = bytearray(k)  # failure class of each record
+        self.head = 0  # slot of the next record
+        self.size = 0
+        # EW count of CLIENT-class failures (decayed per call like the consumer's
+        # failure baseline, lazily: only when read or when one is added)
+        self.cbase = 0.0
+        self.cbase_at = 0
+
+    def client_base(self, calls: int, log_keep: float) -> float:
+        """The EW client-failure count at call ``calls`` (``log_keep``: log of
+        the per-call decay factor)."""
+        return self.cbase * math.exp((calls - self.cbase_at) * log_keep)
+
+    def teach_client(self, calls: int, log_keep: float) -> None:
+        self.cbase = self.client_base(calls, log_keep) + 1.0
+        self.cbase_at = calls
+
+    def add(self, ts: float, call_idx: int, cls: int = UPSTREAM) -> None:
+        h = self.head
+        self.ts[h] = int(ts * 1000.0)
+        self.idx[h] = call_idx
+        self.cls[h] = cls
+        k = len(self.idx)
+        self.head = h + 1 if h + 1 < k else 0
+        if self.size < k:
+            self.size += 1
+
+    def slot(self, j: int) -> int:
+        """Ring slot of the j-th latest record (0 = newest)."""
+        s = self.head - 1 - j
+        return s + len(self.idx) if s < 0 else s
+
+    def get(self, j: int) -> tuple[int, int]:
+        s = self.slot(j)
+        return self.ts[s], self.idx[s]
+
+    def scan(self, calls: int, now: float, p: float, min_failures: int, min_rate: float,
+             max_window_s: float, log10_alpha: float, only: int = 0,
+             ) -> tuple[int, int, float, float] | None:
+        """The first window, newest anchor first, whose failures are
+        significant: ``(failures, calls, log10 p, start time)`` or None.
+
+        A window starts just after the j-th latest failure (the anchor, left
+        out: under the null the calls after it are independent of it) and ends
+        now; it holds j failures out of ``calls - idx[anchor]`` calls.  At most
+        ``k - 1`` windows are tested per failure (a Bonferroni factor that
+        ``log10_alpha`` must cover).  ``only``: count and anchor on failures
+        of that class only (tested against that class's own baseline)."""
+        lim = int((now - max_window_s) * 1000.0)
+        ts, idx, cl = self.ts, self.idx, self.cls
+        f = 0  # failures newer than the anchor
+        for j in range(self.size):
+            s = self.slot(j)
+            if ts[s] < lim:
+                break
+            if only and cl[s] != only:
+                continue
+            if f >= min_failures:
+                n = calls - idx[s]
+                if f >= min_rate * n:
+                    lp = log10_binom_tail(f, n, p)
+                    if lp <= log10_alpha:
+                        return f, n, lp, ts[s] / 1000.0
+            f += 1
+        return None
+
+    def recent(self, calls: int, now: float, horizon_s: float) -> tuple[int, int, float]:
+        """``(failures, calls, seconds)`` since the oldest kept failure within
+        ``horizon_s`` (that failure included), for the call-rate check."""
+        lim = int((now - horizon_s) * 1000.0)
+        j = -1
+        for i in range(self.size):
+            if self.ts[self.slot(i)] < lim:
+                break
+            j = i
+        if j < 0:
+            return 0, 0, 0.0
+        s = self.slot(j)
+        return j + 1, calls - self.idx[s] + 1, now - self.ts[s] / 1000.0
+
+    def client_share(self, j: int) -> float:
+        """Share of CLIENT-class failures among the j + 1 latest records."""
+        c = 0
+        for i in range(j + 1):
+            if self.cls[self.slot(i)] == CLIENT:
+                c += 1
+        return c / (j + 1)
+
+
+class HashWindow:
+    """The last ``k`` attempts of one request_hash: time in ms, negative for a
+    failed attempt (``array('q')`` ring)."""
+
+    __slots__ = ("head", "size", "t")
+
+    def __init__(self, k: int = 8) -> None:
+        self.t = array("q", bytes(8 * k))
+        self.head = 0
+        self.size = 0
+
+    def add(self, ts: float, failed: bool) -> None:
+        v = int(ts * 1000.0) + 1  # + 1: never 0, so the sign always carries the flag
+        h = self.head
+        self.t[h] = -v if failed else v
+        k = len(self.t)
+        self.head = h + 1 if h + 1 < k else 0
+        if self.size < k:
+            self.size += 1
+
+    def count(self, window_s: float, now: float) -> tuple[int, int]:
+        """(attempts, failed attempts) of the ring within ``window_s`` of ``now``."""
+        lim = int((now - window_s) * 1000.0) + 1
+        n = f = 0
+        for v in self.t[:self.size] if self.size < len(self.t) else self.t:
+            if v < 0:
+                if -v >= lim:
+                    n += 1
+                    f += 1
+            elif v >= lim:
+                n += 1
+        return n, f

@@ -1,0 +1,295 @@
+"""Rate windows for token_spike and cost_spike: sliding sums, robust
+baselines and source attribution, in a few hundred bytes per consumer.
+
+A token (or cost) spike is a sustained change of the consumption *rate*, not
+one big call.  Per consumer, :class:`Volume` keeps
+
+* a sliding **60 s window** (six 10 s buckets of tokens, cost, calls and the
+  largest call's tokens and cost), tested on every event, so that a x5-x50
+  step is seen within a minute;
+* a **5 min window** (five closed minutes, same fields), tested when a
+  minute closes, for slower ramps and small consumers (two consecutive
+  windows must agree);
+* for each window size, baselines learnt only from normal windows (not
+  while an episode of the kind is open): an EW mean per bucket (empty buckets
+  count as zeros, so silences and bursts are part of normal) and a slowly
+  decaying maximum of the *trimmed* window (window total minus its largest
+  call), i.e. the consumer's recent normal worst case;
+* two weighted Misra-Gries "heavy hitter" trackers (60 s and 5 min decay)
+  of the call's source (trace, else session, else request hash, else the call
+  itself): when one source makes up most of the window, the volume belongs
+  to an agent loop, a bloated session, a repeated request or one giant call,
+  which have detectors of their own.
+
+A window fires when its trimmed total (largest call removed) is at least
+max(floor, ratio x EW mean, ratio_to_recent_max x recent normal maximum),
+it has ``min_calls`` calls and no single source dominates it.  token_spike
+also requires the cost per token to be near its baseline (a change of price
+mix is cost_spike's); cost_spike requires it to be ``price_ratio`` x the
+baseline (more cost than the token volume explains).
+
+>>> v = Volume(0)
+>>> v.add(100, 0.001, "a", 0), v.wt, v.wn
+(False, 100.0, 1.0)
+>>> v.dominated1()
+True
+"""
+
+from __future__ import annotations
+
+from array import array
+
+BUCKET_S = 10.0
+NB = 6  # 10 s buckets in the 60 s window
+NM = 5  # closed minutes in the 5 min window
+NF = 5  # fields per bucket / minute: tokens, cost, calls, largest call tokens, largest cost
+_MIN0 = NB * NF  # first index of the minute ring
+# baselines, after the two rings
+_MEAN_T = _MIN0 + NM * NF  # EW mean of tokens per 10 s bucket
+_MEAN_C = _MEAN_T + 1  # EW mean of cost per 10 s bucket
+_MAX1_T = _MEAN_T + 2  # decaying max of the trimmed 60 s window (normal windows only)
+_MAX1_C = _MEAN_T + 3
+_MAX5_T = _MEAN_T + 4  # decaying max of the trimmed 5 min window
+_MAX5_C = _MEAN_T + 5
+# windows wait before they teach the maximum (so that a rise is tested
+# against windows from before it): the largest of the current and of the
+# previous minute (5 min block) are pending; a minute (block) later they count
+_P1_T = _MEAN_T + 6  # pending, 60 s windows: tokens current, previous; cost current, previous
+_P5_T = _MEAN_T + 10  # same, 5 min windows
+_SIZE = _MEAN_T + 14
+DOM_SHARE = 0.3  # a source with at least this share of the decayed window (lower bound) dominates
+D1 = 0.5 ** (BUCKET_S / 30.0)  # 60 s tracker: weights halve in 30 s
+D5 = 0.5 ** (60.0 / 150.0)  # 5 min tracker: weights halve in 150 s (decayed per minute)
+INF = float("inf")
+
+
+class Volume:
+    """Per-consumer rate windows (see the module doc)."""
+
+    __slots__ = ("a", "b", "hits5", "m", "mc", "mt", "n", "src1", "src5", "thr_c",
+                 "thr_cf", "thr_t", "tot1", "tot5", "w1", "w5", "wc", "wn", "wt")
+
+    def __init__(self, ts: float) -> None:
+        self.b = int(ts // BUCKET_S)  # current bucket
+        self.m = int(ts // 60.0)  # current minute (of the 5 min ring)
+        self.a = array("d", bytes(8 * _SIZE))  # the two rings and the baselines
+        self.wt = 0.0  # 60 s window: tokens, cost, calls
+        self.wc = 0.0
+        self.wn = 0.0
+        self.mt = 0.0  # largest call (tokens, cost) in the 5 older buckets of the window
+        self.mc = 0.0
+        self.thr_t = INF  # pre-filter thresholds for the current bucket
+        self.thr_c = INF
+        self.thr_cf = INF  # the cost volume threshold (thr_c may be lower: price rule)
+        self.src1: object = None  # heavy-hitter source, its weight, decayed total (60 s)
+        self.w1 = 0.0
+        self.tot1 = 0.0
+        self.src5: object = None  # same, 5 min
+        self.w5 = 0.0
+        self.tot5 = 0.0
+        self.hits5 = 0  # consecutive 5 min windows above threshold (bit 0 tokens, 8 cost)
+        self.n = 0  # 10 s buckets learnt
+
+    # ------------------------------------------------------------ per event
+    def add(self, tokens: int, cost: float, src: object, slot: int) -> bool:
+        """Count one call in the current bucket (``slot`` = bucket % NB);
+        True when a 60 s window reaches its pre-filter threshold."""
+        a = self.a
+        i = slot * NF
+        a[i] += tokens
+        a[i + 1] += cost
+        a[i + 2] += 1.0
+        if tokens > a[i + 3]:
+            a[i + 3] = tokens
+        if cost > a[i + 4]:
+            a[i + 4] = cost
+        j = _MIN0 + (self.m % NM) * NF  # largest call of the current minute
+        if tokens > a[j + 3]:
+            a[j + 3] = tokens
+        if cost > a[j + 4]:
+            a[j + 4] = cost
+        self.wt += tokens
+        self.wc += cost
+        self.wn += 1.0
+        x = tokens + 1.0
+        # weighted Misra-Gries with one counter: the candidate's weight is a
+        # lower bound of its true (decayed) weight
+        if src == self.src1:
+            self.w1 += x
+        elif self.w1 >= x:
+            self.w1 -= x
+        else:
+            self.src1, self.w1 = src, x - self.w1
+        self.tot1 += x
+        if src == self.src5:
+            self.w5 += x
+        elif self.w5 >= x:
+            self.w5 -= x
+        else:
+            self.src5, self.w5 = src, x - self.w5
+        self.tot5 += x
+        return self.wt >= self.thr_t or self.wc >= self.thr_c
+
+    def dominated1(self) -> bool:
+        return self.w1 >= DOM_SHARE * self.tot1
+
+    def dominated5(self) -> bool:
+        return self.w5 >= DOM_SHARE * self.tot5
+
+    def largest1(self, slot: int) -> tuple[float, float]:
+        """The largest call (tokens, cost) in the 60 s window."""
+        a = self.a
+        i = slot * NF
+        return max(self.mt, a[i + 3]), max(self.mc, a[i + 4])
+
+    # -------------------------------------------------------------- buckets
+    def roll(self, b: int, learn_t: bool, learn_c: bool, alpha: float, max_decay: float
+             ) -> None:
+        """Move to bucket ``b``: the closing window teaches the baselines
+        (``learn_*``: no open episode of the kind), old buckets leave."""
+        a = self.a
+        k = b - self.b
+        if k <= 0:
+            return
+        slot = self.b % NB
+        i = slot * NF
+        mt = self.mt if self.mt > a[i + 3] else a[i + 3]
+        mc = self.mc if self.mc > a[i + 4] else a[i + 4]
+        f = (1.0 - alpha) ** min(k - 1, 100_000)
+        d = max_decay ** min(k, 100_000)
+        # the recent maximum learns only from windows below the threshold, a
+        # minute or two late (else it would chase a rise before it is detected)
+        new_min = b // NB - self.b // NB
+        if learn_t:
+            m = a[_MEAN_T]
+            m += alpha * (a[i] - m)
+            a[_MEAN_T] = m * f
+            _pend(a, _MAX1_T, _P1_T, self.wt - mt, self.thr_t, d, new_min)
+        else:
+            a[_P1_T] = a[_P1_T + 1] = 0.0
+        if learn_c:
+            m = a[_MEAN_C]
+            m += alpha * (a[i + 1] - m)
+            a[_MEAN_C] = m * f
+            _pend(a, _MAX1_C, _P1_T + 2, self.wc - mc, self.thr_cf, d, new_min)
+        else:
+            a[_P1_T + 2] = a[_P1_T + 3] = 0.0
+        self.n += 1
+        # empty the buckets that are reused, recompute the window's sums
+        for j in range(1, min(k, NB) + 1):
+            o = ((self.b + j) % NB) * NF
+            a[o] = a[o + 1] = a[o + 2] = a[o + 3] = a[o + 4] = 0.0
+        self.b = b
+        cur = b % NB
+        wt = wc = wn = mt = mc = 0.0
+        for s_ in range(NB):
+            o = s_ * NF
+            wt += a[o]
+            wc += a[o + 1]
+            wn += a[o + 2]
+            if s_ != cur:
+                if a[o + 3] > mt:
+                    mt = a[o + 3]
+                if a[o + 4] > mc:
+                    mc = a[o + 4]
+        self.wt, self.wc, self.wn, self.mt, self.mc = wt, wc, wn, mt, mc
+        g = D1 ** k
+        self.w1 *= g
+        self.tot1 *= g
+
+    def set_thresholds(self, thr_t: float, thr_c: float, thr_cf: float) -> None:
+        self.thr_t, self.thr_c, self.thr_cf = thr_t, thr_c, thr_cf
+
+    # --------------------------------------------------------------- minutes
+    def window5(self, tokens: float, cost: float, calls: float) -> tuple[float, float, float]:
+        """Store the closing minute's totals (its largest call was recorded by
+        :meth:`add`); return the trimmed 5 min window: tokens and cost without
+        the largest call, and the number of calls."""
+        a = self.a
+        j = _MIN0 + (self.m % NM) * NF
+        a[j], a[j + 1], a[j + 2] = tokens, cost, calls
+        wt = wc = wn = mt = mc = 0.0
+        for s_ in range(NM):
+            o = _MIN0 + s_ * NF
+            wt += a[o]
+            wc += a[o + 1]
+            wn += a[o + 2]
+            if a[o + 3] > mt:
+                mt = a[o + 3]
+            if a[o + 4] > mc:
+                mc = a[o + 4]
+        return wt - mt, wc - mc, wn
+
+    def advance5(self, m: int, st: float, sc: float, learn_t: bool, learn_c: bool,
+                 max_decay_min: float, thr_t: float = INF, thr_c: float = INF) -> None:
+        """Learn from the closed 5 min window (trimmed totals ``st``, ``sc``;
+        the maximum only from windows below their threshold) and move the
+        minute ring to minute ``m``."""
+        a = self.a
+        k = m - self.m
+        if k <= 0:
+            return
+        d = max_decay_min ** min(k, 100_000)
+        new_block = m // NM - self.m // NM
+        if learn_t:
+            _pend(a, _MAX5_T, _P5_T, st, thr_t, d, new_block)
+        else:
+            a[_P5_T] = a[_P5_T + 1] = 0.0
+        if learn_c:
+            _pend(a, _MAX5_C, _P5_T + 2, sc, thr_c, d, new_block)
+        else:
+            a[_P5_T + 2] = a[_P5_T + 3] = 0.0
+        for q in range(1, min(k, NM) + 1):
+            o = _MIN0 + ((self.m + q) % NM) * NF
+            a[o] = a[o + 1] = a[o + 2] = a[o + 3] = a[o + 4] = 0.0
+        self.m = m
+        g = D5 ** min(k, 100)
+        self.w5 *= g
+        self.tot5 *= g
+
+    # ------------------------------------------------------------- baselines
+    @property
+    def mean_t(self) -> float:
+        """EW mean tokens per 10 s bucket."""
+        return self.a[_MEAN_T]
+
+    @property
+    def mean_c(self) -> float:
+        return self.a[_MEAN_C]
+
+    @property
+    def max1_t(self) -> float:
+        return self.a[_MAX1_T]
+
+    @property
+    def max1_c(self) -> float:
+        return self.a[_MAX1_C]
+
+    @property
+    def max5_t(self) -> float:
+        return self.a[_MAX5_T]
+
+    @property
+    def max5_c(self) -> float:
+        return self.a[_MAX5_C]
+
+    def base_price(self) -> float:
+        """Baseline cost per token (ratio of the EW means), 0 if unknown."""
+        a = self.a
+        return a[_MEAN_C] / a[_MEAN_T] if a[_MEAN_T] > 0 else 0.0
+
+
+def _pend(a: array, mx: int, p: int, s: float, thr: float, decay: float, shift: int) -> None:
+    """Window value ``s`` (below ``thr``) becomes pending at ``a[p]``; after
+    ``shift`` minutes (blocks) the pending values move on, the previous one
+    teaching the maximum ``a[mx]``."""
+    if s < thr and s > a[p]:
+        a[p] = s
+    x = a[mx] * decay
+    if shift > 0:
+        y = a[p + 1] if shift == 1 or a[p + 1] > a[p] else a[p]
+        if y > x:
+            x = y
+        a[p + 1] = a[p] if shift == 1 else 0.0
+        a[p] = 0.0
+    a[mx] = x

@@ -1,0 +1,203 @@
+"""Reliability detectors: retry_storm, failure_spike (consumer and model
+scope) and runaway_reasoning, plus the window statistics behind them."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from detectors import Engine, Finding
+from detectors.reliability import FailWindow, HashWindow, log10_binom_tail
+from ingest.event import UsageEvent
+
+from .synth import T0, event
+
+
+def run(evs: list[dict], eng: Engine | None = None) -> list[Finding]:
+    eng = eng or Engine()
+    out: list[Finding] = []
+    evs = sorted(evs, key=lambda d: d["ts"])
+    for i, d in enumerate(evs):
+        ev = UsageEvent.model_validate(d)
+        out.extend(eng.observe(ev))
+        if i % 200 == 199:
+            out.extend(eng.advance(ev.ts))
+    return out
+
+
+def first(fs: list[Finding], kind: str) -> list[Finding]:
+    return [f for f in fs if f.kind == kind and f.revision == 0 and f.status == "firing"]
+
+
+def traffic(consumer: str, start: float, end: float, gap: float, rng: random.Random,
+            err: float = 0.0, model: str = "gpt-4o", tag: str = "", **kw) -> list[dict]:
+    """Poisson calls every ``gap`` s on average, ``err`` of them failing with 5xx."""
+    out: list[dict] = []
+    t, i = start, 0
+    while True:
+        t += rng.expovariate(1.0 / gap)
+        if t >= end:
+            return out
+        d = event(0, t, consumer, model, request_hash=f"{consumer}{tag}-{i}", **kw)
+        d["event_id"] = f"{consumer}{tag}-{i}"
+        if rng.random() < err:
+            d.update(status=503, error="upstream_5xx", output_tokens=0, finish_reason="error")
+        out.append(d)
+        i += 1
+
+
+# ------------------------------------------------------------------ statistics
+@pytest.mark.parametrize("f, n, p", [(7, 7, 0.01), (5, 10, 0.02), (20, 100, 0.02),
+                                     (30, 1000, 0.01), (16, 200, 0.03), (3, 400, 0.001)])
+def test_binomial_tail_bound_is_tight_and_conservative(f, n, p):
+    exact = math.log10(sum(math.comb(n, k) * p ** k * (1 - p) ** (n - k)
+                           for k in range(f, n + 1)))
+    bound = log10_binom_tail(f, n, p)
+    assert exact - 1e-9 <= bound <= exact + 0.05
+
+
+def test_windows_are_exact_rings():
+    w = FailWindow(4)
+    for k in range(6):
+        w.add(100.0 + k, 10 * k)
+    assert w.size == 4 and w.get(0) == (105000, 50)
+    # anchored at the 3rd latest failure (call 30, left out): 2 failures in calls 31..60
+    hit = w.scan(60, 106.0, 0.01, 2, 0.0, 3600, -1.0)
+    assert hit is not None and hit[:2] == (2, 30)
+    h = HashWindow(3)
+    for t, bad in ((0.0, False), (50.0, True), (70.0, True), (80.0, False)):
+        h.add(t, bad)
+    assert h.count(60.0, 80.0) == (3, 2) and h.count(15.0, 80.0) == (2, 1)
+
+
+# ----------------------------------------------------------------- retry_storm
+def test_retry_storm_fires_within_seconds_and_blocks():
+    rng = random.Random(1)
+    evs = traffic("s", T0, T0 + 7200, 10.0, rng, err=0.01)
+    t = T0 + 4000
+    evs += [event(90_000 + k, t + 1.5 * k, "s", request_hash="same", status=503,
+                  error="upstream_5xx", output_tokens=0, attempt=k) for k in range(40)]
+    fs = first(run(evs), "retry_storm")
+    assert fs and fs[0].action == "block" and fs[0].severity == "critical"
+    assert fs[0].detected_at.timestamp() - t <= 10
+    assert not first(run(evs), "failure_spike")
+
+
+def test_client_retries_cron_and_popular_prompts_do_not_fire():
+    rng = random.Random(2)
+    evs = traffic("n", T0, T0 + 7200, 5.0, rng, err=0.02)
+    for k in range(30):  # errors retried twice with backoff, sometimes all failing
+        t = T0 + 200 + 200 * k
+        evs += [event(80_000 + 3 * k + j, t + j * (1 + 2 * j), "n", request_hash=f"x{k}",
+                      status=503 if (j < 2 or k % 3 == 0) else 200) for j in range(3)]
+    for k in range(70):  # a cron job every 100 s, always the same prompt
+        evs.append(event(70_000 + k, T0 + 30 + 100 * k, "n", request_hash="cron"))
+    for k in range(400):  # a popular FAQ from many users, a few times a minute
+        evs.append(event(60_000 + k, T0 + 17 * k, "n", request_hash="faq",
+                         user=f"u{k % 97}", status=503 if k % 40 == 0 else 200))
+    fs = run(evs)
+    assert not first(fs, "retry_storm"), [f.summary for f in first(fs, "retry_storm")]
+    assert not first(fs, "failure_spike")
+
+
+def test_rate_jump_with_most_calls_failing_is_a_retry_storm():
+    rng = random.Random(3)
+    evs = traffic("m", T0, T0 + 6000, 30.0, rng, err=0.01)  # 2 calls / minute
+    t = T0 + 4200
+    for k in range(300):  # then 30 calls / minute of new requests, 85 % failing
+        d = event(50_000 + k, t + 2.0 * k + rng.random(), "m", request_hash=f"new{k}")
+        if rng.random() < 0.85:
+            d.update(status=429, error="rate_limited", output_tokens=0, finish_reason="error")
+        evs.append(d)
+    fs = run(evs)
+    storms = first(fs, "retry_storm")
+    assert storms and storms[0].evidence["rule"] == "rate_jump"
+    assert storms[0].detected_at.timestamp() - t <= 60
+    assert not first(fs, "failure_spike"), [f.summary for f in first(fs, "failure_spike")]
+
+
+# --------------------------------------------------------------- failure_spike
+def test_baseline_failures_do_not_fire_across_many_consumers():
+    rng = random.Random(4)
+    evs: list[dict] = []
+    for c in range(40):  # 40 consumers x 3 h, 0.5-3 % failing, sizes 0.1 to 30 calls/min
+        evs += traffic(f"c{c}", T0, T0 + 3 * 3600, rng.choice((2.0, 10.0, 60.0, 600.0)), rng,
+                       err=rng.uniform(0.005, 0.03), model=("gpt-4o", "o3-mini")[c % 2])
+    fs = run(evs)
+    assert not first(fs, "failure_spike"), [f.summary for f in first(fs, "failure_spike")]
+    assert not first(fs, "retry_storm")
+
+
+def test_small_victim_with_a_few_calls_is_caught():
+    rng = random.Random(5)
+    evs = traffic("tiny", T0, T0 + 3 * 3600, 120.0, rng, err=0.01)  # 1 call per 2 min
+    t = T0 + 3 * 3600 + 60
+    for k in range(8):  # then 7 of 8 calls fail with 401 over ~25 minutes
+        d = event(40_000 + k, t + 200 * k, "tiny", request_hash=f"a{k}")
+        if k != 3:
+            d.update(status=401, error="authentication_error", output_tokens=0,
+                     finish_reason="error")
+        evs.append(d)
+    fs = first(run(evs), "failure_spike")
+    assert fs and fs[0].consumer == "tiny" and fs[0].scope == "consumer"
+    assert fs[0].evidence["error_class"] == "client"
+
+
+def test_busy_consumer_failure_spike_is_fast():
+    rng = random.Random(6)
+    evs = traffic("busy", T0, T0 + 6000, 1.0, rng, err=0.01)
+    t = T0 + 4000
+    for d in evs:
+        ts = UsageEvent.model_validate(d).ts.timestamp()
+        if t <= ts < t + 600 and rng.random() < 0.4:
+            d.update(status=403, error="permission_denied", output_tokens=0)
+    fs = first(run(evs), "failure_spike")
+    assert fs and fs[0].detected_at.timestamp() - t <= 30 and fs[0].action == "alert"
+
+
+def test_upstream_outage_is_model_scope_and_never_blocks():
+    rng = random.Random(7)
+    evs: list[dict] = []
+    for c in range(8):
+        evs += traffic(f"o{c}", T0, T0 + 5400, 4.0 + c, rng, err=0.01, model="gpt-4o-mini")
+    t = T0 + 3600
+    for d in evs:
+        ts = UsageEvent.model_validate(d).ts.timestamp()
+        if t <= ts < t + 600 and rng.random() < 0.8:
+            d.update(status=503, error="upstream_5xx", output_tokens=0)
+    # clients retrying into the outage: same hash a few times
+    evs += [event(30_000 + k, t + 100 + 2 * k, "o1", "gpt-4o-mini", request_hash="r",
+                  status=503, error="upstream_5xx") for k in range(12)]
+    fs = [f for f in run(evs) if f.revision == 0]
+    model = [f for f in fs if f.kind == "failure_spike" and f.scope == "model"]
+    assert model and model[0].subject == "gpt-4o-mini"
+    assert model[0].detected_at.timestamp() - t <= 60
+    assert all(f.action != "block" for f in fs), [f.summary for f in fs]
+    assert not [f for f in fs if f.scope == "consumer" and f.kind == "failure_spike"]
+
+
+# ----------------------------------------------------------- runaway_reasoning
+def test_slow_call_with_little_thinking_is_not_runaway():
+    rng = random.Random(8)
+    evs = traffic("slow", T0, T0 + 3600, 20.0, rng, model="o3-mini", reasoning_tokens=400,
+                  output_tokens=600)
+    evs.append(event(20_000, T0 + 3700, "slow", "o3-mini", latency_ms=900_000,
+                     output_tokens=500, reasoning_tokens=300))
+    evs.append(event(20_001, T0 + 3800, "slow", "gpt-4o", latency_ms=700_000,
+                     output_tokens=20_000))
+    assert not first(run(evs), "runaway_reasoning")
+
+
+def test_runaway_at_the_call_then_escalates():
+    rng = random.Random(9)
+    evs = traffic("rr", T0, T0 + 3600, 20.0, rng, model="o3-mini", reasoning_tokens=900,
+                  output_tokens=1200)
+    t = T0 + 3700
+    evs += [event(10_000 + k, t + 120 * k, "rr", "o3-mini", latency_ms=400_000,
+                  output_tokens=31_000, reasoning_tokens=30_000) for k in range(4)]
+    fs = [f for f in run(evs) if f.kind == "runaway_reasoning"]
+    assert fs[0].detected_at.timestamp() == pytest.approx(t, abs=0.01)
+    assert len({f.finding_id for f in fs}) == 1
+    assert fs[-1].severity == "critical" and fs[-1].action == "block"
