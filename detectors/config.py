@@ -121,7 +121,7 @@ class TokenSpikeConfig:
     giant call is not a rate change); see :mod:`detectors.volume`."""
 
     enabled: bool = True
-    min_tokens_per_min: float = 20000.0  # absolute floor of the 60 s window: tiny consumers never page
+    min_tokens_per_min: float = 20000.0  # floor of the 60 s window: tiny consumers never page
     min_calls: int = 5  # calls in the window (a few huge calls are not a rate change)
     ratio: float = 6.0  # 60 s window: times its EW mean
     ratio_to_recent_max: float = 3.0  # ... and times the largest recent normal (trimmed) window
@@ -149,7 +149,8 @@ class CostSpikeConfig:
     sustained_min_cost_per_min: float = 0.05  # 5 min window: floor per minute
     sustained_ratio: float = 4.0
     sustained_ratio_to_recent_max: float = 4.0
-    price_ratio: float = 1.5  # cost per token this many times its baseline
+    # cost per token this many times its baseline (uncached calls alone double it)
+    price_ratio: float = 2.5
     price_jump: float = 4.0  # at this many times the baseline cost per token ...
     price_jump_volume_ratio: float = 3.0  # ... the 60 s cost need only be this x its mean
     quiet_s: float = 300.0
@@ -324,11 +325,12 @@ _SHARE = (lambda x: 0.0 <= x <= 1.0, "must be between 0 and 1")
 _POS = (lambda x: x > 0, "must be > 0")
 _NONNEG = (lambda x: x >= 0, "must be >= 0")
 _RULES: dict[str, tuple[Any, str]] = {
-    "min_fail_share": _SHARE, "rate_min_fail_share": _SHARE, "max_cached_share": _SHARE, "prior_rate": (
+    "min_fail_share": _SHARE, "rate_min_fail_share": _SHARE, "prior_rate": (
         lambda x: 0.0 < x < 1.0, "must be strictly between 0 and 1"),
     "client_prior_rate": (lambda x: 0.0 < x < 1.0, "must be strictly between 0 and 1"),
     "model_min_consumer_share": _SHARE, "length_reasoning_share": _SHARE,
-    "min_rate": _SHARE, "log10_alpha": (lambda x: x < 0, "must be < 0 (e.g. -7 for 1e-7)"),
+    "max_cached_share": _SHARE, "min_rate": _SHARE,
+    "log10_alpha": (lambda x: x < 0, "must be < 0 (e.g. -7 for 1e-7)"),
     "update_growth": (lambda x: x > 1, "must be > 1"),
 }
 

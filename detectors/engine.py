@@ -162,8 +162,10 @@ class Engine:
         b = int(ts // BUCKET_S)
         if b > vol.b:
             self._roll_volume(cs, b, ts)
+        # calls of one run (trace, else session) count as one independent request
         if vol.add(tokens, cost, tid if tid is not None else sid if sid is not None else
-                   rh if rh is not None else event.event_id, vol.b % NB):
+                   rh if rh is not None else event.event_id, vol.b % NB,
+                   (tid is None and sid is None) or vol.new_run):
             self._check_volume(cs, ts, event, out)
         return out
 
@@ -279,7 +281,7 @@ class Engine:
         x_tok, x_calls = cs.m_tok, cs.m_calls
         learn_t, learn_c = self._spike_learn(cs, ts)
         vol = cs.vol
-        st, sc, n5 = vol.window5(float(x_tok), cs.m_cost, float(x_calls))
+        st, sc, n5 = vol.window5(float(x_tok), cs.m_cost)
         thr_t = thr_c = INF
         if self._young(cs, ts) < INF:
             thr_t, thr_c = self._sustained(cs, ts, st, sc, n5, out)
@@ -981,6 +983,7 @@ class Engine:
         if r is None:
             r = runs[key] = RunState(cs.key, cs.tenant, ts, event.model)
         r.calls += 1
+        cs.vol.new_run = r.calls == 1
         r.tokens += tokens
         if ts > r.last_ts:
             r.last_ts = ts

@@ -108,7 +108,7 @@ class RunState:
         self.last_input = -1
         self.grow_n = 0
         self.grow_first = 0
-        self.flagged = 0  # bit 1: agent_loop, bit 2: context_bloat
+        self.flagged = 0  # bits: 1 agent_loop, 2 context_bloat, 4 session record, 8 long growth
         self.ids: list[str] = []
 
 

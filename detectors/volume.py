@@ -66,7 +66,7 @@ INF = float("inf")
 class Volume:
     """Per-consumer rate windows (see the module doc)."""
 
-    __slots__ = ("a", "b", "hits5", "m", "mc", "mt", "n", "src1", "src5", "thr_c",
+    __slots__ = ("a", "b", "hits5", "m", "mc", "mt", "n", "new_run", "src1", "src5", "thr_c",
                  "thr_cf", "thr_t", "tot1", "tot5", "w1", "w5", "wc", "wn", "wt")
 
     def __init__(self, ts: float) -> None:
@@ -89,28 +89,28 @@ class Volume:
         self.tot5 = 0.0
         self.hits5 = 0  # consecutive 5 min windows above threshold (bit 0 tokens, 8 cost)
         self.n = 0  # 10 s buckets learnt
+        self.new_run = False  # set by the engine: this call starts a run (trace / session)
 
     # ------------------------------------------------------------ per event
-    def add(self, tokens: int, cost: float, src: object, slot: int) -> bool:
+    def add(self, tokens: int, cost: float, src: object, slot: int, indep: bool = True
+            ) -> bool:
         """Count one call in the current bucket (``slot`` = bucket % NB);
-        True when a 60 s window reaches its pre-filter threshold."""
+        ``indep``: an independent request (not a later call of a run), the
+        only ones ``min_calls`` counts.  True when a 60 s window reaches its
+        pre-filter threshold."""
         a = self.a
         i = slot * NF
         a[i] += tokens
         a[i + 1] += cost
-        a[i + 2] += 1.0
+        if indep:
+            a[i + 2] += 1.0
+            self.wn += 1.0
         if tokens > a[i + 3]:
             a[i + 3] = tokens
         if cost > a[i + 4]:
             a[i + 4] = cost
-        j = _MIN0 + (self.m % NM) * NF  # largest call of the current minute
-        if tokens > a[j + 3]:
-            a[j + 3] = tokens
-        if cost > a[j + 4]:
-            a[j + 4] = cost
         self.wt += tokens
         self.wc += cost
-        self.wn += 1.0
         x = tokens + 1.0
         # weighted Misra-Gries with one counter: the candidate's weight is a
         # lower bound of its true (decayed) weight
@@ -201,13 +201,25 @@ class Volume:
         self.thr_t, self.thr_c, self.thr_cf = thr_t, thr_c, thr_cf
 
     # --------------------------------------------------------------- minutes
-    def window5(self, tokens: float, cost: float, calls: float) -> tuple[float, float, float]:
-        """Store the closing minute's totals (its largest call was recorded by
-        :meth:`add`); return the trimmed 5 min window: tokens and cost without
-        the largest call, and the number of calls."""
+    def window5(self, tokens: float, cost: float) -> tuple[float, float, float]:
+        """Store the closing minute's totals; return the trimmed 5 min window:
+        tokens and cost without the largest call, and the independent calls.
+        Called before the 10 s ring moves on, so its buckets of the closing
+        minute (slots 0 .. current, minutes are 6 aligned buckets) give the
+        minute's largest call and independent calls."""
         a = self.a
         j = _MIN0 + (self.m % NM) * NF
-        a[j], a[j + 1], a[j + 2] = tokens, cost, calls
+        a[j], a[j + 1] = tokens, cost
+        n = mt = mc = 0.0
+        if self.b // NB == self.m:
+            for s_ in range(self.b % NB + 1):
+                o = s_ * NF
+                n += a[o + 2]
+                if a[o + 3] > mt:
+                    mt = a[o + 3]
+                if a[o + 4] > mc:
+                    mc = a[o + 4]
+        a[j + 2], a[j + 3], a[j + 4] = n, mt, mc
         wt = wc = wn = mt = mc = 0.0
         for s_ in range(NM):
             o = _MIN0 + s_ * NF

@@ -1,0 +1,132 @@
+"""token_spike / cost_spike rate windows, agent_loop and context_bloat rules."""
+
+from __future__ import annotations
+
+import random
+
+from detectors import Engine, Finding
+from detectors.volume import Volume
+from ingest.event import UsageEvent
+
+from .synth import T0, event
+
+
+def run(evs: list[dict], eng: Engine | None = None) -> list[Finding]:
+    eng = eng or Engine()
+    out: list[Finding] = []
+    evs = sorted(evs, key=lambda d: d["ts"])
+    for i, d in enumerate(evs):
+        ev = UsageEvent.model_validate(d)
+        out.extend(eng.observe(ev))
+        if i % 200 == 199:
+            out.extend(eng.advance(ev.ts))
+    return out
+
+
+def first(fs: list[Finding], kind: str) -> list[Finding]:
+    return [f for f in fs if f.kind == kind and f.revision == 0 and f.status == "firing"]
+
+
+def bursty(consumer: str, minutes: int, seed: int = 1, rate: float = 6.0, size: int = 2000,
+           i0: int = 0, **kw) -> list[dict]:
+    """Gamma-modulated minutes (some empty, some 5x), heavy-tailed call sizes."""
+    rng = random.Random(seed)
+    evs = []
+    i = i0
+    for m in range(minutes):
+        n = 0 if rng.random() < 0.15 else int(rng.gammavariate(0.8, rate / 0.8) + 0.5)
+        for _ in range(n):
+            inp = int(rng.lognormvariate(0, 1.0) * size)
+            evs.append(event(i, T0 + 60 * m + rng.random() * 60, consumer, input_tokens=inp,
+                             output_tokens=inp // 8, request_hash=f"h{i}", **kw))
+            i += 1
+    return evs
+
+
+def test_window_trims_the_largest_call_and_tracks_sources():
+    v = Volume(0.0)
+    for k in range(4):
+        v.add(1000, 0.0, f"s{k}", 0)
+    v.add(1_000_000, 0.0, "giant", 0)
+    mt, _ = v.largest1(0)
+    assert v.wt - mt == 4000 and v.wn == 5
+    assert v.dominated1()  # the giant call is most of the window
+    w = Volume(0.0)
+    for k in range(20):
+        w.add(1000, 0.0, f"s{k}", 0)
+    assert not w.dominated1()
+
+
+def test_bursty_normal_traffic_is_quiet():
+    evs = []
+    for c in range(6):
+        evs += bursty(f"b{c}", 360, seed=c, i0=c * 100_000)
+    fs = run(evs)
+    assert first(fs, "token_spike") == [] and first(fs, "cost_spike") == []
+
+
+def test_step_is_seen_within_a_minute():
+    evs = bursty("s", 180, rate=6.0)
+    t = T0 + 180 * 60
+    # 40x the mean rate (its normal 60 s windows reach 7x the mean: gamma bursts)
+    evs += [event(900_000 + k, t + k * 0.25, "s", input_tokens=2000, output_tokens=250,
+                  request_hash=f"x{k}") for k in range(1200)]
+    fs = first(run(evs), "token_spike")
+    assert fs and fs[0].consumer == "s"
+    assert fs[0].detected_at.timestamp() - t <= 60
+
+
+def test_one_giant_call_or_one_agent_run_is_not_a_token_spike():
+    evs = bursty("g", 180)
+    t = T0 + 180 * 60
+    evs.append(event(900_000, t, "g", input_tokens=900_000, request_hash="big"))
+    # a burst of 60 calls from one trace: agent_loop's, not token_spike's
+    evs += [event(900_001 + k, t + 120 + k, "g", input_tokens=20_000, trace_id="loop",
+                  request_hash=f"l{k}") for k in range(60)]
+    fs = run(evs)
+    assert first(fs, "token_spike") == []
+    assert [f.subject for f in first(fs, "agent_loop")] == ["loop"]
+
+
+def test_model_switch_is_a_cost_spike_not_a_token_spike():
+    evs = bursty("m", 180, rate=20.0, cost=0.0025)
+    t = T0 + 180 * 60
+    rng = random.Random(5)
+    evs += [event(900_000 + k, t + rng.random() * 600, "m", input_tokens=2000,
+                  output_tokens=250, cost=0.05, request_hash=f"o{k}")  # 20x the price
+            for k in range(200)]
+    fs = run(evs)
+    assert first(fs, "token_spike") == []
+    cost = first(fs, "cost_spike")
+    assert cost and cost[0].detected_at.timestamp() - t <= 120
+
+
+def test_tiny_consumer_never_pages():
+    evs = [event(k, T0 + 120 * k, "tiny", input_tokens=300, request_hash=f"t{k}")
+           for k in range(200)]
+    t = T0 + 120 * 200
+    evs += [event(1000 + k, t + 6 * k, "tiny", input_tokens=300, request_hash=f"u{k}")
+            for k in range(100)]  # 20x its rate, but 3k tokens a minute
+    assert first(run(evs), "token_spike") == []
+
+
+def test_long_conversation_is_not_an_agent_loop():
+    evs = [event(k, T0 + 30 * k, "chat", session_id="conv", input_tokens=1000 + 10 * k,
+                 request_hash=f"c{k}") for k in range(60)]
+    assert first(run(evs), "agent_loop") == []
+    evs = [event(k, T0 + 3 * k, "ag", trace_id="tr", input_tokens=3000,
+                 request_hash=f"a{k}") for k in range(45)]
+    assert [f.subject for f in first(run(evs), "agent_loop")] == ["tr"]
+
+
+def test_context_bloat_needs_steady_uncached_growth():
+    grow = [event(k, T0 + 30 * k, "cb", session_id="s1", input_tokens=3000 + 7000 * k,
+                  request_hash=f"g{k}") for k in range(15)]
+    assert len(first(run(grow), "context_bloat")) == 1
+    cached = [dict(d, cached_input_tokens=int(d["input_tokens"] * 0.9)) for d in grow]
+    assert first(run(cached), "context_bloat") == []
+    # a jump (bigger prompts) then a little growth is not bloat
+    jump = [event(k, T0 + 30 * k, "cj", session_id="s2",
+                  input_tokens=(1000 + 200 * k) * (1 if k < 3 else 40), request_hash=f"j{k}")
+            for k in range(15)]
+    assert first(run(jump), "context_bloat") == []
