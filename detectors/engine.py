@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import pickle
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from ingest.event import UsageEvent
@@ -47,6 +47,10 @@ EVICT_SWEEP_S = 600.0
 LEARN_SAMPLE = 4  # settled (consumer, model) call-size baselines learn from 1 call in 4
 MODEL_SAMPLE = 4  # model-wide call-size baselines learn from one call in this many
 PRIOR_RUN_HI = 30.0  # calls in a long normal agent run (tau-bench: 0-27 tool calls)
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat()
 
 
 def _fmt(x: float) -> str:
@@ -203,6 +207,38 @@ class Engine:
 
     def tracked_consumers(self) -> int:
         return len(self._consumers)
+
+    def describe(self, consumer: str) -> dict[str, Any] | None:
+        """The consumer's current baselines, for people (``GET /v1/consumers/{id}``).
+
+        >>> Engine().describe("nobody") is None
+        True
+        """
+        cs = self._consumers.get(consumer)
+        if cs is None:
+            return None
+        models = {}
+        for name, mb in cs.models.items():
+            models[name] = {
+                "calls_seen": mb.think.n,
+                "typical_reasoning_or_output_tokens": round(math.expm1(mb.think.lmean), 1),
+                "recent_max_reasoning_or_output_tokens": round(mb.think.rmax, 1),
+                "typical_latency_s": round(math.expm1(mb.lat.lmean), 2),
+                "reports_reasoning": mb.has_reasoning,
+            }
+        fail_rate = cs.f_base / cs.n_base if cs.n_base > 0 else None
+        return {
+            "tenant": cs.tenant,
+            "first_seen": _iso(cs.first_ts),
+            "last_seen": _iso(cs.last_ts),
+            "tokens_per_minute": {"mean": round(cs.tok.mean, 1), "sd": round(cs.tok.sd(), 1),
+                                  "minutes": cs.tok.n},
+            "calls_per_minute": {"mean": round(cs.cpm.mean, 3), "sd": round(cs.cpm.sd(), 3)},
+            "failure_rate": None if fail_rate is None else round(fail_rate, 5),
+            "models": models,
+            "open_findings": [f.finding_id for f in self.open_findings()
+                              if f.consumer == consumer],
+        }
 
     def open_findings(self) -> list[Finding]:
         """The current revision of every open episode."""

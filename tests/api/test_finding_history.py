@@ -26,3 +26,23 @@ def test_history_and_404(store, chdb_dir):
         assert [f["revision"] for f in doc["findings"]] == [0, 1, 2]
         assert doc["findings"][-1]["status"] == "resolved"
         assert c.get("/v1/findings/nope").status_code == 404
+
+
+def test_consumer_view_shows_detector_baselines(store, chdb_dir):
+    import json
+    from datetime import timedelta
+
+    svc = build_service(load_settings(data_dir=chdb_dir), with_alerting=False, state_scope=None)
+    events = [json.dumps({"event_id": f"b{i}", "ts": (T0 + timedelta(seconds=30 * i)).isoformat(),
+                          "consumer": "kb-bot", "model": "gpt-4o-mini", "status": 200,
+                          "input_tokens": 800, "output_tokens": 200, "latency_ms": 900})
+              for i in range(120)]
+    with TestClient(create_app(svc)) as c:
+        r = c.post("/v1/events", content="\n".join(events),
+                   headers={"Content-Type": "application/x-ndjson"})
+        assert r.json()["accepted"] == 120
+        doc = c.get("/v1/consumers/kb-bot").json()
+    assert doc["baselines"], doc
+    base = doc["baselines"][0]
+    assert base["models"]["gpt-4o-mini"]["calls_seen"] > 0
+    assert base["tokens_per_minute"]["minutes"] > 0
