@@ -32,7 +32,7 @@ from typing import Any
 
 from ingest.event import UsageEvent
 
-from .baselines import LN10, LogBaseline, alpha_for_halflife, binom_surprise
+from .baselines import LN10, alpha_for_halflife, binom_surprise
 from .config import DetectorConfig, Settings
 from .episodes import EpisodeBook
 from .finding import Finding
@@ -952,13 +952,13 @@ class Engine:
                 return
             a = 0.02
             decay = 0.998
-            _learn(b.think, think, a, decay)
+            b.think.update(think, a, decay)
             if lat > 0:
-                _learn(b.lat, lat, a, decay)
+                b.lat.update(lat, a, decay)
             if ms.calls % MODEL_SAMPLE == 0:
-                _learn(ms.size.think, think, a, decay)
+                ms.size.think.update(think, a, decay)
                 if lat > 0:
-                    _learn(ms.size.lat, lat, a, decay)
+                    ms.size.lat.update(lat, a, decay)
             return
         hist = self._runaway_ts.setdefault(cs.key, [])
         hist.append(ts)
@@ -1118,23 +1118,9 @@ class Engine:
             if now - r.last_ts >= idle:
                 done.append(k)
                 if cs is not None and not r.flagged & 7:  # bit 8 (long growth) is normal
-                    _learn(cs.run_calls, float(r.calls), 0.05, 0.995)
-                    _learn(cs.run_tok, float(r.tokens), 0.05, 0.995)
+                    cs.run_calls.update(float(r.calls), 0.05, 0.995)
+                    cs.run_tok.update(float(r.tokens), 0.05, 0.995)
                     cs.runs += 1
         for k in done:
             del self._runs[k]
 
-
-def _learn(b: LogBaseline, x: float, a: float, decay: float) -> None:
-    """Inline-friendly LogBaseline.update (the hot path calls it a lot)."""
-    lx = math.log1p(x)
-    if b.n == 0:
-        b.lmean = lx
-    else:
-        d = lx - b.lmean
-        inc = a * d
-        b.lmean += inc
-        b.lvar = (1.0 - a) * (b.lvar + d * inc)
-    r = b.rmax * decay
-    b.rmax = x if x > r else r
-    b.n += 1
