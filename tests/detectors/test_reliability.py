@@ -8,27 +8,11 @@ import random
 
 import pytest
 
-from detectors import Engine, Finding
 from detectors.reliability import FailWindow, HashWindow, log10_binom_tail
 from ingest.event import UsageEvent
 
+from .drive import first, run
 from .synth import T0, event
-
-
-def run(evs: list[dict], eng: Engine | None = None) -> list[Finding]:
-    eng = eng or Engine()
-    out: list[Finding] = []
-    evs = sorted(evs, key=lambda d: d["ts"])
-    for i, d in enumerate(evs):
-        ev = UsageEvent.model_validate(d)
-        out.extend(eng.observe(ev))
-        if i % 200 == 199:
-            out.extend(eng.advance(ev.ts))
-    return out
-
-
-def first(fs: list[Finding], kind: str) -> list[Finding]:
-    return [f for f in fs if f.kind == kind and f.revision == 0 and f.status == "firing"]
 
 
 def traffic(consumer: str, start: float, end: float, gap: float, rng: random.Random,

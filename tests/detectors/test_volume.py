@@ -4,27 +4,10 @@ from __future__ import annotations
 
 import random
 
-from detectors import Engine, Finding
 from detectors.volume import Volume
-from ingest.event import UsageEvent
 
+from .drive import first, run
 from .synth import T0, event
-
-
-def run(evs: list[dict], eng: Engine | None = None) -> list[Finding]:
-    eng = eng or Engine()
-    out: list[Finding] = []
-    evs = sorted(evs, key=lambda d: d["ts"])
-    for i, d in enumerate(evs):
-        ev = UsageEvent.model_validate(d)
-        out.extend(eng.observe(ev))
-        if i % 200 == 199:
-            out.extend(eng.advance(ev.ts))
-    return out
-
-
-def first(fs: list[Finding], kind: str) -> list[Finding]:
-    return [f for f in fs if f.kind == kind and f.revision == 0 and f.status == "firing"]
 
 
 def bursty(consumer: str, minutes: int, seed: int = 1, rate: float = 6.0, size: int = 2000,
