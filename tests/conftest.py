@@ -88,6 +88,31 @@ def create_topics(bootstrap: str, topics: Mapping[str, int]) -> None:
         admin.close()
 
 
+def wait_until_ready(proc: subprocess.Popen[bytes], ready: Callable[[], bool], name: str,
+                     log_path: Path, timeout_s: float, poll_s: float = 0.1) -> None:
+    """Wait for a test server we started; fail with the tail of its log if it
+    exits or is not ready in time."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{name} exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+        if ready():
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"{name} not ready after {timeout_s:g} s: "
+                        f"{log_path.read_text()[-2000:]}")
+        time.sleep(poll_s)
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 @pytest.fixture(scope="session")
 def tansu_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     binary = tansu_path()
@@ -105,23 +130,10 @@ def tansu_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         )
     bootstrap = f"127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"tansu exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-            if _kafka_ready(bootstrap):
-                break
-            if time.monotonic() > deadline:
-                pytest.fail(f"tansu not ready after 30 s: {log_path.read_text()[-2000:]}")
-            time.sleep(0.2)
+        wait_until_ready(proc, lambda: _kafka_ready(bootstrap), "tansu", log_path, 30, 0.2)
         yield bootstrap
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
 
 
 @pytest.fixture

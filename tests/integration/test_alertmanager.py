@@ -26,7 +26,7 @@ from alerting.service import AlertingConfig, AlertingService
 from alerting.sinks import SinkWorker, build_sink
 from api.metrics import Metrics
 from tests.alerting._support import MemStore, finding
-from tests.conftest import free_port
+from tests.conftest import free_port, stop_process, wait_until_ready
 
 pytestmark = pytest.mark.integration
 
@@ -68,28 +68,17 @@ def alertmanager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
              f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=",
              "--log.level=warn"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{url}/-/ready", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"alertmanager exited with {proc.returncode}: "
-                            f"{log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"alertmanager not ready after 20 s: {log_path.read_text()[-2000:]}")
-            time.sleep(0.1)
+        wait_until_ready(proc, ready, "alertmanager", log_path, 20)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
 
 
 def service(url: str, resend: str = "60s", tick: str = "5s") -> AlertingService:
