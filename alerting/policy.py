@@ -25,7 +25,9 @@ budget_exceeded     warning                 critical (budget spent)     until th
 Hard rules that no configuration changes:
 
 * a finding with scope ``model`` (a whole upstream failing or spiking) never
-  blocks anyone: consumers are not at fault for an upstream outage;
+  blocks anyone: consumers are not at fault for an upstream outage; nor does
+  a consumer's retry storm into such an outage (evidence ``upstream_outage``):
+  it is alerted;
 * an allowlisted consumer, user or tenant is never blocked (it is still alerted);
 * a *stale* finding (its event time more than ``stale_after`` behind the wall
   clock, e.g. a replay of last week's events) is neither alerted nor blocked:
@@ -444,6 +446,9 @@ class Policy:
                                  "behind the wall clock (a replay?)")
         want = (rule.block is True or (rule.block == "suggested" and f.action == "block")) \
             and sev >= SEV_RANK[rule.block_min_severity]
+        if want and (f.evidence or {}).get("upstream_outage"):
+            return Decision(alert=alert, block=False, dry_run=dry, rule=rule_desc,
+                            note="during an upstream outage of its model: alerted, never blocked")
         if not want:
             return Decision(alert=alert, block=False, dry_run=dry, rule=rule_desc)
         targets, note = self._targets(f)

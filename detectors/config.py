@@ -70,13 +70,18 @@ class RetryStormConfig:
 
     enabled: bool = True
     tau_s: float = 60.0  # time constant of the decayed counter (all-success rule)
-    min_attempts: float = 6.0  # attempts of one request_hash within window_s (failing)
+    # attempts of one request_hash within window_s (failing): 4 retries;
+    # SDK defaults retry 2-3 times, and one more try by the caller is common
+    min_attempts: float = 5.0
     window_s: float = 60.0  # sliding window of the same-request rule
     min_fail_share: float = 0.5  # share of those attempts that failed
     min_attempts_success: float = 30.0  # single caller, same hash, no failures (decayed)
     rate_min_calls: int = 12  # calls per minute (and in the window) for the rate-jump rule
-    rate_ratio: float = 5.0  # times the consumer's mean calls per minute
-    rate_z: float = 6.0
+    # failing *distinct* requests per minute, times the consumer's usual calls
+    # per minute: the failures are extra calls, not normal calls that fail
+    # (that is a failure spike)
+    rate_ratio: float = 2.5
+    rate_z: float = 3.0  # all calls per minute above mean + rate_z sd
     rate_min_fail_share: float = 0.6
     warmup_min: int = 30  # minutes of history before the rate-jump rule
     quiet_s: float = 180.0
@@ -184,7 +189,10 @@ class ContextBloatConfig:
     min_calls: int = 10  # consecutive growing calls
     min_growth: float = 4.0  # last input / first input of the streak
     min_input_tokens: int = 80000  # normal agent runs reach ~60k, chat history ~24k
-    max_cached_share: float = 0.5  # a history served from the prompt cache is not bloat
+    # a history served from the prompt cache is still resent: it fills the
+    # context window and costs 10-50 % of the input price; lower this to
+    # report only mostly uncached sessions
+    max_cached_share: float = 1.0
     quiet_s: float = 1800.0
 
 
@@ -196,7 +204,10 @@ class CacheOpportunityConfig:
     enabled: bool = True
     min_repeats: float = 10.0  # uncached answers, decayed with tau_s
     tau_s: float = 600.0  # about a prompt cache's lifetime: slower repeats gain nothing
-    min_input_tokens: int = 1000
+    # providers cache prompts from 1,024 tokens; below 2k the saving is small
+    min_input_tokens: int = 2048
+    # uncached input tokens resent (decayed answers x input): worth a finding
+    min_wasted_tokens: float = 50_000.0
     quiet_s: float = 3600.0
 
 

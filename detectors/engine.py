@@ -143,6 +143,7 @@ class Engine:
             if not repeat_fail:
                 cs.fs += 1.0
                 cs.fl += 1.0
+                cs.m_fail += 1
             self._rule_failures(cs, ms, event, ts, out, repeat_fail)
         # failure baseline (calls that belong to an open failure episode do not teach it)
         if (cs.fs < fc.min_failures or cs.fs < 2.0 * cs.ns * (cs.f_base + 1.0) / (
@@ -327,6 +328,9 @@ class Engine:
         ca = self._alpha(tc.halflife_min)
         if learn_t:
             tok.update(x_tok)
+        # a minute where most distinct requests failed does not teach the call
+        # rate (a retry storm would raise the bar it is measured against)
+        if learn_t and (cs.m_fail < 3 or 2 * cs.m_fail < x_calls):
             cs.cpm.update(x_calls, ca)
         if gap > 0:
             tok.fill_zeros(gap)
@@ -538,8 +542,12 @@ class Engine:
         rate while most calls fail is a retry storm, not a failure spike.
 
         retry_storm (rate rule): calls in the last ~30 s, per minute, above
-        max(rate_min_calls, rate_ratio x mean + rate_z x sd) of the consumer's
-        calls per minute, most of them failing.
+        max(rate_min_calls, mean + rate_z x sd) of the consumer's calls per
+        minute, at least ``rate_min_fail_share`` of them failing, and the
+        failing *distinct* requests alone at ``rate_ratio`` x the usual calls
+        per minute: the failures are extra calls (a storm), not the usual
+        calls failing (a failure spike).  Minutes where most requests failed
+        do not teach the calls-per-minute baseline.
         """
         cfg = cs.cfg
         fc = cfg.failure_spike
@@ -573,17 +581,19 @@ class Engine:
         cpm = cs.cpm
         cpm_sd = cpm.sd()
         warm_rate = cs.tok.n >= rc.warmup_min
-        rate_thr = max(rc.rate_min_calls, rc.rate_ratio * cpm.mean + rc.rate_z * cpm_sd)
+        rate_thr = max(rc.rate_min_calls, cpm.mean + rc.rate_z * cpm_sd)
+        fail_thr = max(rc.rate_min_fail_share * rc.rate_min_calls, rc.rate_ratio * cpm.mean)
         fail_share = cs.fs / cs.ns
         w = cs.fwin
-        jump = rate_now >= rate_thr and fail_share >= rc.rate_min_fail_share
+        jump = (rate_now >= rate_thr and fail_share >= rc.rate_min_fail_share
+                and cs.fs * 60.0 / fc.short_tau_s >= fail_thr)
         if not jump and w is not None and rc.enabled and warm_rate:
             # the exact window: calls and failures since the oldest failure of the
             # last minute (the decayed rate lags a sudden jump by tens of seconds)
             fw, nw, dw = w.recent(cs.calls, ts, 60.0)
             if nw >= rc.rate_min_calls and fw >= rc.rate_min_fail_share * nw:
                 r = 60.0 * nw / max(dw, 20.0)
-                if r >= rate_thr:
+                if r >= rate_thr and 60.0 * fw / max(dw, 20.0) >= fail_thr:
                     jump, rate_now, fail_share = True, r, fw / nw
         if rc.enabled and warm_rate and jump and not outage:
             self._fire(out, kind="retry_storm", scope="consumer", subject=cs.key,
@@ -632,8 +642,9 @@ class Engine:
             return  # looks like the upstream: the model scope decides
         if self._book.keep_alive("retry_storm", "consumer", cs.key, cs.tenant, ts):
             return  # the failures of an ongoing retry storm
-        if rate_now >= max(10.0, 2.0 * (cpm.mean + cpm_sd)) and warm_rate:
-            return  # a rate jump: the retry_storm rate rule decides
+        if (rate_now >= rate_thr and fail_share >= rc.rate_min_fail_share and warm_rate
+                and rc.enabled):
+            return  # calls jumping, most failing: the retry_storm rate rule decides
         self._fire(out, kind="failure_spike", scope="consumer", subject=cs.key, tenant=cs.tenant,
                    consumer=cs.key, model=model, ts=ts, first_ts=t_start, observed=f / n,
                    baseline=p0, threshold=floor, severity="warning", action="alert",
@@ -752,7 +763,8 @@ class Engine:
         succeeds: never a storm.
 
         cache_opportunity (info): ``min_repeats`` successful answers of the
-        same hash, none of them with cached input tokens.
+        same hash (of at least ``min_input_tokens``, and ``min_wasted_tokens``
+        resent in all), none of them with cached input tokens.
         """
         if ts >= self._seen_rotate:
             self._seen_prev = self._seen_cur
@@ -805,8 +817,10 @@ class Engine:
                     if rs.u == 0.0 else rs.u * math.exp(-max(dt, 0.0) / co.tau_s) + 1.0
             if (co.enabled and rs.u >= co.min_repeats
                     and event.input_tokens >= co.min_input_tokens
+                    and rs.u * event.input_tokens >= co.min_wasted_tokens
                     and event.cached_input_tokens == 0
-                    and rs.ok_uncached >= 0.9 * rs.ok_total):
+                    and rs.ok_uncached >= 0.9 * rs.ok_total
+                    and rs.total_fail <= 0.2 * rs.total):  # a failing request: retry_storm
                 self._fire(out, kind="cache_opportunity", scope="consumer", subject=cs.key,
                            tenant=cs.tenant, consumer=cs.key, model=event.model, ts=ts,
                            first_ts=rs.first_ts, observed=round(rs.u, 1), baseline=0.0,
@@ -818,17 +832,23 @@ class Engine:
                                      "input_tokens": event.input_tokens},
                            quiet_s=co.quiet_s)
         # the decayed count bounds the window count (c >= n_w / e): cheap pre-check
-        if rc.enabled and (rs.c >= 0.36 * rc.min_attempts or rs.c >= rc.min_attempts_success):
-            self._storm_check(cs, rs, event, rh, ts, out)
+        if rc.enabled and (rs.c >= 0.36 * rc.min_attempts or rs.c >= rc.min_attempts_success
+                           or (failed and event.attempt is not None
+                               and event.attempt + 1 >= rc.min_attempts)):
+            self._storm_check(cs, rs, event, rh, ts, failed, out)
         return failed and prev_fail
 
     def _storm_check(self, cs: ConsumerState, rs: RepeatState, event: UsageEvent, rh: str,
-                     ts: float, out: list[Finding]) -> None:
+                     ts: float, failed: bool, out: list[Finding]) -> None:
         """retry_storm, same-request rule: ``min_attempts`` attempts of one
         request_hash within ``window_s`` (exact sliding window), at least
-        ``min_fail_share`` of them failed; or ``min_attempts_success``
-        decayed attempts from one caller without failures.  Not while the
-        model has an open upstream outage (the upstream's fault, never block)."""
+        ``min_fail_share`` of them failed; or a failed call whose caller
+        reports it as attempt ``min_attempts`` or later (``attempt`` counts
+        from 0) of a request that failed before; or ``min_attempts_success``
+        decayed attempts from one caller without failures.  While the model
+        has an open upstream outage the failures are the upstream's: twice
+        the attempts are needed (hammering a failing upstream is still a
+        storm, and the storm is what the block stops)."""
         rc = cs.cfg.retry_storm
         n_w, f_w = rs.win.count(rc.window_s, ts) if rs.win is not None else (0, 0)
         # the ring holds only the last min_attempts attempts: the share of the
@@ -836,25 +856,33 @@ class Engine:
         # two retries among a popular prompt's many answers would look failing
         failing = (n_w >= rc.min_attempts and f_w >= rc.min_fail_share * n_w
                    and rs.f >= rc.min_fail_share * rs.c)
+        if (not failing and failed and event.attempt is not None
+                and event.attempt + 1 >= rc.min_attempts and rs.total_fail >= 2):
+            failing = True  # the caller's own retry counter
         if not failing and (rs.mixed or rs.c < rc.min_attempts_success or rs.f > 0.5):
             return
-        if failing and self._is_open("failure_spike", "model", event.model, "*", ts):
+        outage = failing and self._is_open("failure_spike", "model", event.model, "*", ts)
+        if outage and rs.c < 2.0 * rc.min_attempts:
             return
         fail_share = f_w / n_w if failing else rs.f / rs.c
         self._fire(out, kind="retry_storm", scope="consumer", subject=cs.key,
                    tenant=cs.tenant, consumer=cs.key, model=event.model, ts=ts,
                    first_ts=rs.first_ts, observed=float(n_w) if failing else rs.c,
                    baseline=3.0, threshold=rc.min_attempts if failing
-                   else rc.min_attempts_success, severity="critical", action="block",
+                   else rc.min_attempts_success,
+                   severity="warning" if outage else "critical",
+                   action="alert" if outage else "block",
                    summary=(f"{cs.key}: request {rh[:16]} sent {rs.total} times "
                             + (f"({n_w} in the last {rc.window_s:.0f} s), "
                                if failing else f"(~{rs.c:.0f} in the last {rc.tau_s:.0f} s), ")
-                            + f"{100 * fail_share:.0f}% failing"),
+                            + f"{100 * fail_share:.0f}% failing"
+                            + (f", into an upstream outage of {event.model}" if outage else "")),
                    evidence={"rule": "same_request", "request_hash": rh,
+                             "upstream_outage": outage,
+                             "reported_attempt": event.attempt,
                              "event_ids": list(rs.ids), "attempts": rs.total,
                              "failed": rs.total_fail, "attempts_in_window": n_w,
-                             "failed_in_window": f_w, "error": event.error,
-                             "attempt": event.attempt},
+                             "failed_in_window": f_w, "error": event.error},
                    quiet_s=rc.quiet_s)
 
     def _sweep_repeats(self, now: float) -> None:
@@ -1077,16 +1105,22 @@ class Engine:
             return
         inp = event.input_tokens
         bc = cs.cfg.context_bloat
-        # growth is history resent call after call; a jump (x3 and more) is
-        # not (e.g. bigger prompts: token_spike) and restarts the streak
-        if s.last_input >= 0 and s.last_input < inp <= 3 * s.last_input + 4096:
+        # growth is history resent call after call: each call adds about one
+        # turn, so the increments stay of a size.  A jump (x3 and more) or an
+        # increment several times the usual one is not (e.g. prompts growing
+        # ever bigger: token_spike) and restarts the streak
+        inc = inp - s.last_input
+        if (s.last_input >= 0 and 0 < inc <= 2 * s.last_input + 4096
+                and (s.grow_n < 2 or inc <= 2.5 * s.grow_inc + 2048)):
             s.grow_n += 1
+            s.grow_inc = inc if s.grow_n == 1 else 0.7 * s.grow_inc + 0.3 * inc
             if s.grow_n + 1 >= bc.min_calls:
                 s.flagged |= 8
                 r.flagged |= 8
         else:
             s.grow_n = 0
             s.grow_first = inp
+            s.grow_inc = 0.0
         s.last_input = inp
         if (bc.enabled and s.grow_n + 1 >= bc.min_calls and inp >= bc.min_input_tokens
                 and inp >= bc.min_growth * max(s.grow_first, 1)

@@ -55,6 +55,12 @@ def test_upstream_outage_never_blocks_even_when_configured_to():
     assert "upstream" in d.note and d.action_text().startswith("alert only")
     # the same kind on one consumer (its own failures) may block when configured
     assert p.decide(finding("failure_spike", "critical", "consumer")).block
+    # a consumer's retry storm into the outage is alerted, never blocked
+    storm = finding("retry_storm", "critical", "consumer", evidence={"upstream_outage": True})
+    d = p.decide(storm)
+    assert d.alert and not d.block and "outage" in d.note
+    assert p.decide(finding("retry_storm", "critical", "consumer",
+                            evidence={"upstream_outage": False})).block
 
 
 def test_budget_blocks_until_period_end():

@@ -102,6 +102,32 @@ def test_rate_jump_with_most_calls_failing_is_a_retry_storm():
     assert not first(fs, "failure_spike"), [f.summary for f in first(fs, "failure_spike")]
 
 
+def test_reported_attempt_counter_fires_at_the_fifth_attempt():
+    rng = random.Random(11)
+    evs = traffic("a", T0, T0 + 7200, 10.0, rng, err=0.01)
+    t = T0 + 4000  # a slow retry loop: 25 s apart, never 5 attempts within a minute
+    evs += [event(91_000 + k, t + 25 * k, "a", request_hash="slow", status=503,
+                  error="upstream_5xx", output_tokens=0, attempt=k) for k in range(8)]
+    [f] = first(run(evs), "retry_storm")
+    assert f.detected_at.timestamp() == pytest.approx(t + 100, abs=1)  # attempt 4
+    assert f.evidence["reported_attempt"] == 4 and f.action == "block"
+    # without the caller's counter the same loop is too slow to call a storm
+    quiet = [dict(d, attempt=None) if d.get("request_hash") == "slow" else d for d in evs]
+    assert not first(run(quiet), "retry_storm")
+
+
+def test_usual_calls_failing_are_a_failure_spike_not_a_storm():
+    rng = random.Random(12)
+    evs = traffic("u", T0, T0 + 7200, 6.0, rng, err=0.01)  # 10 calls / minute
+    t = T0 + 4000
+    for d in evs:
+        if t <= UsageEvent.model_validate(d).ts.timestamp() < t + 900 and rng.random() < 0.9:
+            d.update(status=401, error="authentication_error", output_tokens=0,
+                     finish_reason="error")
+    fs = run(evs)
+    assert first(fs, "failure_spike") and not first(fs, "retry_storm")
+
+
 # --------------------------------------------------------------- failure_spike
 def test_baseline_failures_do_not_fire_across_many_consumers():
     rng = random.Random(4)
@@ -160,6 +186,10 @@ def test_upstream_outage_is_model_scope_and_never_blocks():
     assert model[0].detected_at.timestamp() - t <= 60
     assert all(f.action != "block" for f in fs), [f.summary for f in fs]
     assert not [f for f in fs if f.scope == "consumer" and f.kind == "failure_spike"]
+    # the client hammering one request into the outage is still seen, as an alert
+    [storm] = [f for f in fs if f.kind == "retry_storm"]
+    assert storm.consumer == "o1" and storm.evidence["upstream_outage"] is True
+    assert storm.severity == "warning" and storm.action == "alert"
 
 
 # ----------------------------------------------------------- runaway_reasoning

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+from detectors import DetectorConfig, Engine
 from detectors.volume import Volume
 
 from .drive import first, run
@@ -102,12 +103,25 @@ def test_long_conversation_is_not_an_agent_loop():
     assert [f.subject for f in first(run(evs), "agent_loop")] == ["tr"]
 
 
-def test_context_bloat_needs_steady_uncached_growth():
+def test_context_bloat_needs_steady_growth():
     grow = [event(k, T0 + 30 * k, "cb", session_id="s1", input_tokens=3000 + 7000 * k,
                   request_hash=f"g{k}") for k in range(15)]
     assert len(first(run(grow), "context_bloat")) == 1
+    # a history served from the prompt cache is still resent (reported by
+    # default), unless the operator asks for mostly uncached sessions only
     cached = [dict(d, cached_input_tokens=int(d["input_tokens"] * 0.9)) for d in grow]
-    assert first(run(cached), "context_bloat") == []
+    [f] = first(run(cached), "context_bloat")
+    assert f.evidence["cached_input_tokens"] > 0
+    strict = DetectorConfig.from_dict({"context_bloat": {"max_cached_share": 0.5}})
+    assert first(run(cached, Engine(strict)), "context_bloat") == []
+    # prompts that suddenly grow much faster than one turn at a time (bigger
+    # prompts: a token spike) restart the streak: not a history being resent
+    inp = [1000 + 400 * k for k in range(6)]
+    while len(inp) < 14:
+        inp.append(int(inp[-1] * 1.5) + 3000)
+    ramp = [event(k, T0 + 30 * k, "cm", session_id="s3", input_tokens=x, request_hash=f"m{k}")
+            for k, x in enumerate(inp)]
+    assert inp[-1] > 80_000 and first(run(ramp), "context_bloat") == []
     # a jump (bigger prompts) then a little growth is not bloat
     jump = [event(k, T0 + 30 * k, "cj", session_id="s2",
                   input_tokens=(1000 + 200 * k) * (1 if k < 3 else 40), request_hash=f"j{k}")
