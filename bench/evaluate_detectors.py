@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(incl. finding creation)")
     print(format_report(report))
     if a.details:
+        for d in report["detected"]:
+            print("FOUND ", json.dumps(d))
         for m in report["missed"]:
             print("MISSED", json.dumps(m))
         for f in report["false"]:

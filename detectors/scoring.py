@@ -19,7 +19,16 @@ Matching rules (documented here because the numbers depend on them):
   consumer-scope ``failure_spike`` or ``retry_storm`` finding on a model
   while a model-scope outage label of that model is active (start to end +
   grace) is *explained*: neither true nor false positive.  Those are the
-  upstream's failures seen from one consumer.
+  upstream's failures seen from one consumer.  Likewise a consumer-scope
+  ``failure_spike`` during a ``retry_storm`` label of the same consumer (a
+  storm of failing calls is also a failure spike); a consumer-scope finding
+  of a *secondary* kind (failure, token and cost spikes, context bloat, cache
+  opportunity) on a consumer during a label of another kind on that consumer
+  (a runaway or a storm does spike its cost; prompts growing bigger do bloat
+  its sessions); and any finding matching a
+  label marked ``weak`` (an injected change smaller than the consumer's own
+  normal variation, see ``ingest.simulator``), which is also left out of
+  recall.
 * A label is detected when at least one finding matches it; its delay is
   the earliest matching ``detected_at`` minus the label's start (event time).
 * precision = true positives / (true positives + false positives); false
@@ -38,7 +47,7 @@ Matching rules (documented here because the numbers depend on them):
 >>> r["kinds"]["retry_storm"]["recall"], r["kinds"]["token_spike"]["false_positives"]
 (1.0, 1)
 >>> print(format_report(r).splitlines()[0].split()[:3])
-['kind', 'labels', 'detected']
+['kind', 'labels', 'weak']
 """
 
 from __future__ import annotations
@@ -47,6 +56,9 @@ from datetime import datetime
 from typing import Any
 
 from .finding import KINDS
+
+# kinds that other anomalies cause as a side effect (see the module doc)
+SECONDARY = ("failure_spike", "token_spike", "cost_spike", "context_bloat", "cache_opportunity")
 
 
 def _ts(v: Any) -> float:
@@ -102,11 +114,18 @@ def score(labels: list[dict[str, Any]], findings: list[dict[str, Any]], *,
     delays: dict[str, float] = {}
     stats: dict[str, dict[str, Any]] = {
         k: {"labels": 0, "detected": 0, "findings": 0, "true_positives": 0,
-            "false_positives": 0, "explained": 0, "delays": []} for k in kinds}
+            "false_positives": 0, "explained": 0, "weak": 0, "delays": []} for k in kinds}
     by_kind: dict[str, list[dict[str, Any]]] = {}
+    weak: dict[str, list[dict[str, Any]]] = {}
     for lab in labs:
+        if lab.get("weak"):
+            weak.setdefault(lab["kind"], []).append(lab)
+            stats[lab["kind"]]["weak"] += 1
+            continue
         by_kind.setdefault(lab["kind"], []).append(lab)
         stats[lab["kind"]]["labels"] += 1
+    all_labs = labs
+    labs = [lab for lab in labs if not lab.get("weak")]
     false_list = []
     for f in sorted(first.values(), key=lambda f: _ts(f["detected_at"])):
         st = stats[f["kind"]]
@@ -127,6 +146,21 @@ def score(labels: list[dict[str, Any]], findings: list[dict[str, Any]], *,
                 for o in outages):
             st["explained"] += 1
             continue
+        if f["kind"] == "failure_spike" and f.get("scope") != "model" and any(
+                lab["_s"] <= t <= lab["_e"] + grace_s and _subject_ok(lab, f)
+                for lab in by_kind.get("retry_storm", ())):
+            st["explained"] += 1
+            continue
+        if f["kind"] in SECONDARY and f.get("scope") != "model" and any(
+                lab["_s"] <= t <= lab["_e"] + grace_s and lab["kind"] != f["kind"]
+                and lab.get("consumer") is not None and lab.get("consumer") == f.get("consumer")
+                for lab in all_labs):
+            st["explained"] += 1
+            continue
+        if any(lab["_s"] <= t <= lab["_e"] + grace_s and _subject_ok(lab, f)
+               for lab in weak.get(f["kind"], ())):
+            st["explained"] += 1
+            continue
         st["false_positives"] += 1
         false_list.append({k: f.get(k) for k in ("finding_id", "kind", "scope", "subject",
                                                   "detected_at", "summary")})
@@ -142,7 +176,7 @@ def score(labels: list[dict[str, Any]], findings: list[dict[str, Any]], *,
             "labels": st["labels"], "detected": st["detected"],
             "recall": st["detected"] / st["labels"] if st["labels"] else None,
             "findings": st["findings"], "true_positives": tp, "false_positives": fp,
-            "explained": st["explained"],
+            "explained": st["explained"], "weak_labels": st["weak"],
             "precision": tp / (tp + fp) if tp + fp else None,
             "false_per_1k_consumer_hours": 1000.0 * fp / consumer_hours if consumer_hours else None,
             "delay_p50_s": _pct(st["delays"], 0.5), "delay_p90_s": _pct(st["delays"], 0.9),
@@ -150,15 +184,20 @@ def score(labels: list[dict[str, Any]], findings: list[dict[str, Any]], *,
     missed = [{k: lab.get(k) for k in ("label_id", "kind", "scope", "subject", "shape",
                                        "variant", "victim_size", "start")}
               for lab in labs if lab["label_id"] not in delays]
+    found = [{"label_id": lab["label_id"], "kind": lab["kind"], "subject": lab.get("subject"),
+              "shape": lab.get("shape"), "variant": lab.get("variant"),
+              "victim_size": lab.get("victim_size"),
+              "delay_s": round(delays[lab["label_id"]], 1)}
+             for lab in labs if lab["label_id"] in delays]
     return {"kinds": out, "consumer_hours": consumer_hours, "grace_s": grace_s,
-            "missed": missed, "false": false_list}
+            "missed": missed, "false": false_list, "detected": found}
 
 
 def format_report(report: dict[str, Any]) -> str:
     """A fixed-width table, one line per kind."""
-    cols = ("kind", "labels", "detected", "recall", "findings", "TP", "FP", "expl",
+    cols = ("kind", "labels", "weak", "detected", "recall", "findings", "TP", "FP", "expl",
             "precision", "FP/1k c-h", "delay p50", "delay p90")
-    w = (18, 6, 8, 6, 8, 5, 5, 5, 9, 9, 9, 9)
+    w = (18, 6, 4, 8, 6, 8, 5, 5, 5, 9, 9, 9, 9)
     lines = ["  ".join(c.ljust(n) if i == 0 else c.rjust(n) for i, (c, n) in
                        enumerate(zip(cols, w, strict=True)))]
 
@@ -166,7 +205,8 @@ def format_report(report: dict[str, Any]) -> str:
         return "-" if v is None else format(v, fmt)
 
     for k, s in report["kinds"].items():
-        row = (k, str(s["labels"]), str(s["detected"]), f(s["recall"], ".2f"),
+        row = (k, str(s["labels"]), str(s.get("weak_labels", 0)), str(s["detected"]),
+               f(s["recall"], ".2f"),
                str(s["findings"]), str(s["true_positives"]), str(s["false_positives"]),
                str(s["explained"]), f(s["precision"], ".2f"),
                f(s["false_per_1k_consumer_hours"], ".2f"), f(s["delay_p50_s"], ".1f"),

@@ -95,6 +95,10 @@ _MASK = (1 << 64) - 1
 SMALL_RPS, LARGE_RPS = 0.05, 0.5
 
 
+WEAK_EFFECT = 3.0  # see Simulation.labels
+WEAK_FAILURES = 5
+
+
 @dataclass(frozen=True)
 class SimConfig:
     seed: int = 0
@@ -277,6 +281,10 @@ class Simulation:
         self.outages: list[_Episode] = []
         self.injectors: list[_Episode] = []
         self.anomalous_events: dict[str, str] = {}  # event_id -> label_id (ground truth)
+        # tokens and cost per minute of token/cost spike victims: a label's
+        # realised effect is measured against the victim's previous hour
+        self._victim_minutes: dict[str, dict[int, list[float]]] = {}
+        self._prices: Any = None
         self._sec = -1
         self._prefix = ""
         tok = self.prof["tokens"]
@@ -706,6 +714,8 @@ class Simulation:
             return None
         ep = _Episode(lid, kind, variant, shape, c, c.model, t0, t1, p, victim_size=c.size,
                       subject=c.id)
+        if kind in ("token_spike", "cost_spike"):
+            self._victim_minutes.setdefault(c.id, {})
         if kind == "failure_spike" and c.rate < 0.1:  # long enough for ~25 failures
             need = 25 / (c.rate * p["error_rate"] * (0.5 if shape == "intermittent" else 0.8))
             ep.t1 = min(self.t_end - 30, max(t1, t0 + need))
@@ -921,6 +931,9 @@ class Simulation:
             while heap and heap[0][0] < w1:
                 t, _, ev, r, ok = heapq.heappop(heap)
                 ev["ts"] = self._fmt(t)
+                vm = self._victim_minutes.get(r.c.id)
+                if vm is not None:
+                    self._count_victim(vm, t, ev)
                 lab = r.ep
                 if lab is not None:
                     if not lab.n:
@@ -935,15 +948,56 @@ class Simulation:
                     self._after(r, t, ok, ev["status"])
             w0 = w1
 
+    def _count_victim(self, vm: dict[int, list[float]], t: float, ev: dict[str, Any]) -> None:
+        if self._prices is None:
+            from .pricing import PriceTable
+            self._prices = PriceTable.load()
+        p = self._prices.price_of(ev["model"])
+        cost = 0.0 if p is None else p.base_cost(
+            ev["input_tokens"], ev["cached_input_tokens"], ev["cache_write_tokens"],
+            ev["output_tokens"])
+        cell = vm.setdefault(int(t // 60), [0.0, 0.0])
+        cell[0] += ev["input_tokens"] + ev["output_tokens"]
+        cell[1] += cost
+
+    def _effect(self, ep: _Episode) -> float | None:
+        """How many times its previous hour's rate the victim's tokens (cost)
+        per minute were during a token (cost) spike episode."""
+        vm = self._victim_minutes.get(ep.c.id) if ep.c is not None else None
+        if vm is None or ep.kind not in ("token_spike", "cost_spike"):
+            return None
+        i = 0 if ep.kind == "token_spike" else 1
+        m0, m1 = int(ep.first // 60), int(ep.last // 60)
+        during = sum(vm.get(m, (0.0, 0.0))[i] for m in range(m0, m1 + 1)) / (m1 - m0 + 1)
+        before = sum(vm.get(m, (0.0, 0.0))[i] for m in range(m0 - 60, m0)) / 60.0
+        return during / before if before > 0 else math.inf
+
     @property
     def labels(self) -> list[dict[str, Any]]:
-        """Ground-truth records of the episodes that produced events so far."""
+        """Ground-truth records of the episodes that produced events so far.
+
+        Token and cost spike labels carry ``effect``: the victim's tokens
+        (cost) per minute during the episode over its previous hour's.  An
+        injection can come out weaker than asked (prompts capped by the
+        context window, a small consumer busier than its nominal rate, outputs
+        a small part of the cost); below ``WEAK_EFFECT`` the label is marked
+        ``weak``: not a spike beyond the consumer's own variation, and left
+        out of recall by :func:`detectors.scoring.score`.  So is a consumer
+        failure spike of fewer than ``WEAK_FAILURES`` failed calls (a small
+        consumer's episode can be that short): no test can tell it from bad
+        luck."""
         out = []
         for ep in self.episodes:
             if not ep.n:
                 continue
             c = ep.c
-            out.append({
+            eff = self._effect(ep)
+            extra: dict[str, Any] = {} if eff is None else {
+                "effect": round(eff, 2) if eff < math.inf else None, "weak": eff < WEAK_EFFECT}
+            if ep.kind == "failure_spike" and ep.scope == "consumer":
+                # fewer failed calls than any significance test needs
+                extra["weak"] = ep.n < WEAK_FAILURES
+            out.append(extra | {
                 "label_id": ep.label_id, "kind": ep.kind, "scope": ep.scope,
                 "subject": ep.subject, "consumer": c.id if c else None,
                 "tenant": c.tenant if c else None, "model": ep.model,
