@@ -133,6 +133,14 @@ class TokenSpikeConfig:
     sustained_min_tokens_per_min: float = 10000.0  # 5 min window: floor per minute
     sustained_ratio: float = 4.0  # 5 min window: times its EW mean
     sustained_ratio_to_recent_max: float = 4.0  # ... and times the largest recent normal one
+    # call-size rule (prompts suddenly bigger): the recent calls' geometric
+    # mean input (~5 min) this many times the consumer's usual one ...
+    size_ratio: float = 6.0
+    size_z: float = 5.0  # ... and this many standard errors above it
+    # with the 5 min window at this x its EW mean and min_tokens_per_min (the
+    # 60 s floor: a few big prompts of a small consumer are no spike)
+    size_volume_ratio: float = 3.0
+    size_warmup_min: int = 30  # minutes with calls before the rule
     halflife_min: float = 60.0  # EW mean (token and cost windows)
     max_halflife_min: float = 240.0  # the recent normal maximum halves in this time
     warmup_min: int = 40  # minutes since the consumer's first call before relative rules

@@ -162,15 +162,23 @@ class Engine:
         if tid is not None or sid is not None:
             self._rule_runs(cs, event, ts, tokens, failed, tid, sid, out)
 
-        # -- token / cost rate on the sliding 60 s window (token_spike, cost_spike)
+        # -- size of independent calls (token_spike, call-size rule)
         vol = cs.vol
+        indep = (tid is None and sid is None) or vol.new_run
+        if indep and not failed:
+            lx = math.log1p(event.input_tokens)
+            sz = cs.sz
+            sz[5] += lx
+            sz[6] += lx * lx
+            sz[7] += 1.0
+
+        # -- token / cost rate on the sliding 60 s window (token_spike, cost_spike)
         b = int(ts // BUCKET_S)
         if b > vol.b:
             self._roll_volume(cs, b, ts)
         # calls of one run (trace, else session) count as one independent request
         if vol.add(tokens, cost, tid if tid is not None else sid if sid is not None else
-                   rh if rh is not None else event.event_id, vol.b % NB,
-                   (tid is None and sid is None) or vol.new_run):
+                   rh if rh is not None else event.event_id, vol.b % NB, indep):
             self._check_volume(cs, ts, event, out)
         return out
 
@@ -322,6 +330,7 @@ class Engine:
         thr_t = thr_c = INF
         if self._young(cs, ts) < INF:
             thr_t, thr_c = self._sustained(cs, ts, st, sc, n5, out)
+        self._call_size(cs, ts, st, sc, n5, learn_t, gap, out)
         vol.advance5(m, st, sc, learn_t, learn_c, 1.0 - self._alpha(tc.max_halflife_min),
                      thr_t, thr_c)
         tok = cs.tok
@@ -443,6 +452,72 @@ class Engine:
             self._rule_cost_spike(cs, ts, None, out, sustained=True, obs=sc, thr=thr_c, calls=n)
         return thr_t, thr_c
 
+    def _call_size(self, cs: ConsumerState, ts: float, st: float, sc: float, n: float,
+                   learn: bool, gap: int, out: list[Finding]) -> None:
+        """token_spike, call-size rule (prompts suddenly bigger, at the usual
+        call rate), as each minute closes.  The mean log input tokens of the
+        independent calls of the last ~5 minutes (decayed 0.8 per minute) is
+        ``size_ratio`` x the consumer's usual and ``size_z`` standard errors
+        (per-call sd / sqrt(calls)) above it, with at least ``min_calls``
+        calls, and the 5 min window's tokens (trimmed) at
+        ``size_volume_ratio`` x its EW mean and above ``min_tokens_per_min``.
+        The usual size is an EW over minutes (``halflife_min``), learnt from
+        minutes not far above it while no token_spike is open; a mean of
+        several call sizes varies far less than a bursty call rate, so this
+        shape is caught sooner and smaller than by the rate windows."""
+        tc = cs.cfg.token_spike
+        sz = cs.sz
+        k = sz[7]
+        g = 0.8 ** (gap + 1)
+        sz[3] = sz[3] * g + sz[5]
+        sz[4] = sz[4] * g + k
+        ml = sz[5] / k if k > 0 else 0.0
+        if k > 0:
+            if sz[2] == 0:
+                sz[0], sz[1], sz[2] = ml, max(sz[6] / k - ml * ml, 0.0), 1.0
+            elif learn and ml - sz[0] < math.log(2.0):
+                a = self._alpha(tc.halflife_min)
+                m = sz[0] + a * (ml - sz[0])
+                var = max(sz[6] / k - 2.0 * m * ml + m * m, 0.0)  # mean of (x - m)^2
+                sz[0], sz[1], sz[2] = m, sz[1] + a * (var - sz[1]), sz[2] + 1.0
+            sz[5] = sz[6] = sz[7] = 0.0
+        fc = sz[4]
+        if (not tc.enabled or sz[2] < tc.size_warmup_min or fc < tc.min_calls
+                or n < tc.min_calls or self._young(cs, ts) == INF):
+            return
+        # the last ~5 minutes, or (a busy consumer) the minute just closed alone
+        sd = max(math.sqrt(sz[1]), 0.25)
+        lr = math.log(tc.size_ratio)
+        fast = sz[3] / fc
+        d = fast - sz[0]
+        if d < lr or d < tc.size_z * sd / math.sqrt(fc):
+            d = ml - sz[0]
+            if k < tc.min_calls or d < lr or d < tc.size_z * sd / math.sqrt(k):
+                return
+            fast = ml
+        vol = cs.vol
+        base = 5.0 * NB * vol.mean_t
+        if st < max(5.0 * tc.min_tokens_per_min, tc.size_volume_ratio * base):
+            return
+        bp = vol.base_price()
+        if bp > 0 and sc >= cs.cfg.cost_spike.price_ratio * bp * (st + 1.0):
+            return  # the price changed too: cost_spike's
+        typical, now = math.expm1(sz[0]), math.expm1(fast)
+        self._fire(out, kind="token_spike", scope="consumer", subject=cs.key, tenant=cs.tenant,
+                   consumer=cs.key, model=None, ts=ts, first_ts=ts - 300.0,
+                   observed=round(st / 5.0, 1), baseline=round(base / 5.0, 1),
+                   threshold=round(tc.size_volume_ratio * base / 5.0, 1),
+                   severity="warning", action="alert",
+                   summary=(f"{cs.key}: prompts {now / max(typical, 1.0):.1f}x bigger than "
+                            f"usual ({_fmt(now)} input tokens per call vs {_fmt(typical)}); "
+                            f"{_fmt(st / 5.0)} tokens/min over the last 5 min vs a baseline "
+                            f"of {_fmt(base / 5.0)}"),
+                   evidence={"rule": "call_size", "input_tokens_per_call": round(now),
+                             "baseline_input_tokens_per_call": round(typical),
+                             "tokens_per_min": round(st / 5.0), "calls": int(n),
+                             "baseline_tokens_per_min": round(base / 5.0, 1)},
+                   quiet_s=tc.quiet_s)
+
     # ------------------------------------------------------- token / cost
     def _rule_token_spike(self, cs: ConsumerState, ts: float, event: UsageEvent | None,
                           out: list[Finding], *, sustained: bool, obs: float, thr: float,
@@ -543,10 +618,11 @@ class Engine:
 
         retry_storm (rate rule): calls in the last ~30 s, per minute, above
         max(rate_min_calls, mean + rate_z x sd) of the consumer's calls per
-        minute, at least ``rate_min_fail_share`` of them failing, and the
-        failing *distinct* requests alone at ``rate_ratio`` x the usual calls
-        per minute: the failures are extra calls (a storm), not the usual
-        calls failing (a failure spike).  Minutes where most requests failed
+        minute, at least ``rate_min_fail_share`` of them failing, mostly with
+        retryable errors (429, 5xx, timeouts), and the failing *distinct*
+        requests alone at ``rate_ratio`` x the usual calls per minute: the
+        failures are extra calls (a storm), not the usual calls failing (a
+        failure spike).  Minutes where most requests failed
         do not teach the calls-per-minute baseline.
         """
         cfg = cs.cfg
@@ -595,6 +671,10 @@ class Engine:
                 r = 60.0 * nw / max(dw, 20.0)
                 if r >= rate_thr and 60.0 * fw / max(dw, 20.0) >= fail_thr:
                     jump, rate_now, fail_share = True, r, fw / nw
+        # retried errors are the retryable ones (429, 5xx, timeouts); a burst of
+        # auth or bad-request errors is the consumer's failure spike
+        if jump and w is not None and w.size and w.client_share(min(w.size, 10) - 1) >= 0.5:
+            jump = False
         if rc.enabled and warm_rate and jump and not outage:
             self._fire(out, kind="retry_storm", scope="consumer", subject=cs.key,
                        tenant=cs.tenant, consumer=cs.key, model=model, ts=ts, first_ts=ts - 30,
@@ -643,7 +723,7 @@ class Engine:
         if self._book.keep_alive("retry_storm", "consumer", cs.key, cs.tenant, ts):
             return  # the failures of an ongoing retry storm
         if (rate_now >= rate_thr and fail_share >= rc.rate_min_fail_share and warm_rate
-                and rc.enabled):
+                and rc.enabled and w.client_share(min(w.size, 10) - 1) < 0.5):
             return  # calls jumping, most failing: the retry_storm rate rule decides
         self._fire(out, kind="failure_spike", scope="consumer", subject=cs.key, tenant=cs.tenant,
                    consumer=cs.key, model=model, ts=ts, first_ts=t_start, observed=f / n,

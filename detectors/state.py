@@ -9,6 +9,7 @@ consumer actually uses, and request-hash trackers only once a hash repeats.
 
 from __future__ import annotations
 
+from array import array
 from typing import Any
 
 from .baselines import EW, LogBaseline, MinuteSeries
@@ -44,6 +45,7 @@ class ConsumerState:
         "run_calls",
         "run_tok",
         "runs",
+        "sz",
         "t_fail",
         "tenant",
         "tok",
@@ -65,6 +67,11 @@ class ConsumerState:
         self.tok = MinuteSeries(ts_cfg.halflife_min)  # tokens / minute (river)
         self.cpm = EW()  # calls / minute
         self.vol = Volume(ts)  # 60 s / 5 min rate windows (token_spike, cost_spike)
+        # log input tokens of independent calls (token_spike, call-size rule):
+        # slow per-minute EW mean and per-call variance, minutes learnt, a
+        # fast decayed sum and count (~5 min), the current minute's sum, sum
+        # of squares and count
+        self.sz = array("d", bytes(8 * 8))
         # failures: decayed counts (short and long window) and a slow baseline
         self.ns = self.fs = self.nl = self.fl = 0.0
         self.t_fail = ts

@@ -145,6 +145,36 @@ def test_token_spike_and_not_on_bursts():
     assert fs and fs[0].detected_at.timestamp() - (T0 + 10800) <= 60
 
 
+def test_prompts_suddenly_bigger_at_the_usual_rate_is_a_token_spike():
+    import random
+    rng = random.Random(5)
+    # 10 calls a minute in bursty clumps, prompt sizes log-normal around 2k
+    evs = []
+    t = T0
+    for i in range(1500):
+        t += rng.expovariate(1 / 6.0)
+        evs.append(event(i, t, "p", input_tokens=int(rng.lognormvariate(7.6, 0.9)),
+                         request_hash=f"p{i}"))
+    quiet = run(evs)
+    assert "token_spike" not in kinds(quiet)
+    # then the same rate with prompts 10x bigger
+    t0 = t
+    for i in range(1500, 1560):
+        t += rng.expovariate(1 / 6.0)
+        evs.append(event(i, t, "p", input_tokens=int(10 * rng.lognormvariate(7.6, 0.9)),
+                         request_hash=f"p{i}"))
+    fs = [f for f in run(evs) if f.kind == "token_spike" and f.revision == 0]
+    assert fs and fs[0].detected_at.timestamp() - t0 <= 180
+    # the call-size rule alone (rate windows switched off) sees it too
+    size_only = Engine(DetectorConfig.from_dict({"token_spike": {
+        "ratio": 1e6, "sustained_ratio": 1e6}}))
+    fs = [f for f in run(evs, size_only) if f.kind == "token_spike" and f.revision == 0]
+    assert fs and fs[0].evidence["rule"] == "call_size", [f.summary for f in fs]
+    assert fs[0].detected_at.timestamp() - t0 <= 180
+    assert fs[0].evidence["input_tokens_per_call"] > 5 * fs[0].evidence[
+        "baseline_input_tokens_per_call"]
+
+
 def test_agent_loop_and_normal_runs():
     evs = []
     i = 0
