@@ -52,6 +52,9 @@ class RunawayConfig:
     z: float = 5.0  # log-space z-score above the (consumer, model) mean
     ratio_to_recent_max: float = 1.5  # and this many times the slowly decaying max
     ratio_to_mean: float = 6.0  # and this many times the geometric mean
+    # ... or, instead of the z-score, this many times the recent max: thinking
+    # is often capped (a budget), so its log spread overstates the tail
+    extreme_max_ratio: float = 8.0
     min_tokens: int = 6000  # relative token findings need at least this many
     min_latency_s: float = 300.0  # relative duration findings need at least this
     max_latency_s: float = 600.0  # guardrail, no warm-up needed

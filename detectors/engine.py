@@ -978,7 +978,8 @@ class Engine:
 
         * guardrails (no warm-up): duration >= ``max_latency_s`` on a call of a
           reasoning model that also thought at least ``min_tokens`` and, once
-          a baseline exists, above its log mean + 0.7 z sd and
+          a baseline exists, above its log mean + 0.7 z sd (or half
+          ``extreme_max_ratio`` x its recent maximum) and
           ``ratio_to_recent_max`` x its recent maximum (a slow call that
           thought little is upstream latency, not runaway reasoning); thinking
           >= ``max_think_tokens``; ``finish_reason=length`` with at least
@@ -986,7 +987,9 @@ class Engine:
           (the reasoning budget was hit);
         * relative: above ``min_tokens`` (and, for duration, on reasoning
           models only, ``min_latency_s``) and above the
-          (consumer, model) log-scale mean + z sd, ``ratio_to_mean`` x its
+          (consumer, model) log-scale mean + z sd (or ``extreme_max_ratio``
+          x the recent maximum: capped thinking budgets make the log spread
+          overstate the tail), ``ratio_to_mean`` x its
           geometric mean and ``ratio_to_recent_max`` x the largest call seen
           lately.  Before the (consumer, model) baseline has
           ``warmup_calls`` calls, the model-wide baseline is used.
@@ -1016,8 +1019,10 @@ class Engine:
             ms.size if ms.size.think.n >= rcfg.warmup_calls and ms.size.has_reasoning
             else None)
         if (lat >= rcfg.max_latency_s and b.has_reasoning and think >= rcfg.min_tokens
-                and (ref is None or (think >= ref.think.limit(0.7 * rcfg.z)
-                                     and think >= rcfg.ratio_to_recent_max * ref.think.rmax))):
+                and (ref is None or (
+                    (think >= ref.think.limit(0.7 * rcfg.z)
+                     or think >= 0.5 * rcfg.extreme_max_ratio * ref.think.rmax)
+                    and think >= rcfg.ratio_to_recent_max * ref.think.rmax))):
             # a long call that also thought unusually much (a slow call with a
             # normal amount of thinking is upstream latency, not runaway reasoning)
             rule = "max_latency"
@@ -1036,7 +1041,9 @@ class Engine:
             # output tokens of a model that reports no reasoning are not all
             # thinking (long answers are normal): one sd more evidence there
             zt = rcfg.z if b.has_reasoning else rcfg.z + 1.0
-            if (think >= rcfg.min_tokens and (not own or think >= t.limit(zt))
+            if (think >= rcfg.min_tokens
+                    and (not own or think >= t.limit(zt)
+                         or think >= rcfg.extreme_max_ratio * t.rmax)
                     and think >= rmax_ratio * t.rmax
                     and think >= rcfg.ratio_to_mean * t.geomean()):
                 rule = "tokens"

@@ -215,3 +215,20 @@ def test_runaway_at_the_call_then_escalates():
     assert fs[0].detected_at.timestamp() == pytest.approx(t, abs=0.01)
     assert len({f.finding_id for f in fs}) == 1
     assert fs[-1].severity == "critical" and fs[-1].action == "block"
+
+
+def test_runaway_far_beyond_a_capped_wide_spread_is_caught():
+    # thinking spread over two orders of magnitude but capped by a 4k budget:
+    # the log z-score alone would accept 50k, the recent maximum does not
+    rng = random.Random(10)
+    evs = []
+    for k in range(1500):
+        rsn = min(4096, int(rng.lognormvariate(6.0, 1.45)))
+        evs.append(event(k, T0 + 5 * k, "wide", "deepseek-reasoner", reasoning_tokens=rsn,
+                         output_tokens=rsn + 200, latency_ms=1000 + 20 * rsn,
+                         request_hash=f"w{k}"))
+    t = T0 + 5 * 1500 + 3
+    evs.append(event(9_999, t, "wide", "deepseek-reasoner", reasoning_tokens=50_000,
+                     output_tokens=50_500, latency_ms=400_000, request_hash="big"))
+    [f] = first(run(evs), "runaway_reasoning")
+    assert f.evidence["rule"] == "tokens" and f.detected_at.timestamp() == pytest.approx(t)
