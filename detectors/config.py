@@ -131,6 +131,7 @@ class TokenSpikeConfig:
     enabled: bool = True
     min_tokens_per_min: float = 20000.0  # floor of the 60 s window: tiny consumers never page
     min_calls: int = 5  # calls in the window (a few huge calls are not a rate change)
+    window_min_calls: int = 8  # ... in the 60 s window (a handful of calls is a burst)
     ratio: float = 6.0  # 60 s window: times its EW mean
     ratio_to_recent_max: float = 3.0  # ... and times the largest recent normal (trimmed) window
     sustained_min_tokens_per_min: float = 10000.0  # 5 min window: floor per minute

@@ -417,7 +417,7 @@ class Engine:
             if sc >= thr and n >= cc.min_calls:
                 self._rule_cost_spike(cs, ts, event, out, sustained=False, obs=sc,
                                       thr=thr, calls=n)
-        elif st >= vol.thr_t and n >= tc.min_calls:
+        elif st >= vol.thr_t and n >= tc.window_min_calls:
             self._rule_token_spike(cs, ts, event, out, sustained=False, obs=st, thr=vol.thr_t,
                                    calls=n)
 
@@ -460,7 +460,8 @@ class Engine:
         ``size_ratio`` x the consumer's usual and ``size_z`` standard errors
         (per-call sd / sqrt(calls)) above it, with at least ``min_calls``
         calls, and the 5 min window's tokens (trimmed) at
-        ``size_volume_ratio`` x its EW mean and above ``min_tokens_per_min``.
+        ``size_volume_ratio`` x its EW mean and above ``min_tokens_per_min``,
+        the bigger prompts making at least half of the rise.
         The usual size is an EW over minutes (``halflife_min``), learnt from
         minutes not far above it while no token_spike is open; a mean of
         several call sizes varies far less than a bursty call rate, so this
@@ -503,6 +504,8 @@ class Engine:
         if bp > 0 and sc >= cs.cfg.cost_spike.price_ratio * bp * (st + 1.0):
             return  # the price changed too: cost_spike's
         typical, now = math.expm1(sz[0]), math.expm1(fast)
+        if (now - typical) * n < 0.5 * (st - base):
+            return  # the bigger prompts do not explain the rise (outputs, more calls)
         self._fire(out, kind="token_spike", scope="consumer", subject=cs.key, tenant=cs.tenant,
                    consumer=cs.key, model=None, ts=ts, first_ts=ts - 300.0,
                    observed=round(st / 5.0, 1), baseline=round(base / 5.0, 1),
