@@ -280,3 +280,25 @@ def test_scoring_on_synthetic_anomalies():
     assert "retry_storm" in format_report(rep)
     for kind in ("runaway_reasoning", "retry_storm", "agent_loop"):
         assert rep["kinds"][kind]["recall"] == 1.0, (kind, rep["missed"])
+
+
+def test_scoring_weak_labels_and_side_effects():
+    lab = {"scope": "consumer", "subject": "a", "consumer": "a", "model": "m",
+           "start": "2026-01-01T00:00:00Z", "end": "2026-01-01T00:10:00Z"}
+    labels = [dict(lab, label_id="L1", kind="token_spike", weak=True),
+              dict(lab, label_id="L2", kind="retry_storm")]
+
+    def f(fid: str, kind: str) -> dict:
+        return {"finding_id": fid, "kind": kind, "scope": "consumer", "subject": "a",
+                "consumer": "a", "revision": 0, "detected_at": "2026-01-01T00:01:00Z"}
+
+    rep = score(labels, [f("f1", "token_spike"), f("f2", "failure_spike"),
+                         f("f3", "retry_storm"), f("f4", "agent_loop")], consumer_hours=10)
+    k = rep["kinds"]
+    # a weak label is neither a miss nor a hit; a finding on it is explained
+    assert k["token_spike"]["labels"] == 0 and k["token_spike"]["weak_labels"] == 1
+    assert k["token_spike"]["explained"] == 1 and k["token_spike"]["false_positives"] == 0
+    # a failure spike during a retry storm is explained, the storm is detected
+    assert k["failure_spike"]["explained"] == 1 and k["retry_storm"]["recall"] == 1.0
+    # a primary kind with no label of its own is a false finding
+    assert k["agent_loop"]["false_positives"] == 1
