@@ -39,32 +39,42 @@ def alpha_for_halflife(halflife: float) -> float:
 
 
 class MinuteSeries:
-    """EW mean and variance of a per-minute total (river EWMean + EWVar)."""
+    """EW mean and variance of a per-minute total: river's ``EWVar`` for the
+    variance; the mean is river's ``EWMean`` recursion (the first value, then
+    ``a x + (1 - a) mean``) in a float, one river object per series instead
+    of two."""
 
-    __slots__ = ("_m", "_v", "mean", "n")
+    __slots__ = ("_v", "mean", "n")
 
     MAX_FILL = 240  # empty minutes fed one by one; beyond this the weight is negligible
 
-    def __init__(self, halflife_min: float = 60.0) -> None:
-        a = alpha_for_halflife(halflife_min)
-        self._m = stats.EWMean(fading_factor=a)
+    def __init__(self, halflife_min: float = 60.0, alpha: float | None = None) -> None:
+        a = alpha_for_halflife(halflife_min) if alpha is None else alpha
         self._v = stats.EWVar(fading_factor=a)
         self.mean = 0.0
         self.n = 0
 
     def update(self, x: float) -> None:
-        self._m.update(x)
-        self._v.update(x)
-        self.mean = self._m.get()
+        v = self._v
+        v.update(x)
+        if self.n:
+            a = v.fading_factor
+            self.mean = a * x + (1.0 - a) * self.mean
+        else:
+            self.mean = x
         self.n += 1
 
     def fill_zeros(self, k: int) -> None:
         k = min(k, self.MAX_FILL)
-        m, v = self._m, self._v
+        if k <= 0:
+            return
+        v = self._v
+        a = v.fading_factor
+        m = self.mean if self.n else 0.0
         for _ in range(k):
-            m.update(0.0)
             v.update(0.0)
-        self.mean = m.get()
+            m = a * 0.0 + (1.0 - a) * m
+        self.mean = m
         self.n += k
 
     def sd(self) -> float:
@@ -92,6 +102,11 @@ class EW:
 
     def sd(self) -> float:
         return math.sqrt(self.var) if self.var > 0 else 0.0
+
+
+def ew_sd(var: float) -> float:
+    """:meth:`EW.sd` of an EW kept as two floats elsewhere."""
+    return math.sqrt(var) if var > 0 else 0.0
 
 
 class LogBaseline:

@@ -32,7 +32,7 @@ from typing import Any
 
 from ingest.event import UsageEvent
 
-from .baselines import LN10, alpha_for_halflife, binom_surprise
+from .baselines import LN10, LogBaseline, alpha_for_halflife, binom_surprise, ew_sd
 from .config import DetectorConfig, Settings
 from .episodes import EpisodeBook
 from .finding import Finding
@@ -40,13 +40,15 @@ from .reliability import CLIENT, FailWindow, HashWindow, failure_class
 from .state import INF, ConsumerState, ModelCallBaseline, ModelState, RepeatState, RunState
 from .volume import BUCKET_S, NB
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2  # 2: ConsumerState is its Volume; lean per-consumer records
 TICK_S = 15.0
 SWEEP_S = 60.0
 EVICT_SWEEP_S = 600.0
 LEARN_SAMPLE = 4  # settled (consumer, model) call-size baselines learn from 1 call in 4
 MODEL_SAMPLE = 4  # model-wide call-size baselines learn from one call in this many
 PRIOR_RUN_HI = 30.0  # calls in a long normal agent run (tau-bench: 0-27 tool calls)
+_NOT_SNAPSHOT = frozenset(("config", "_model_half"))  # the config and values derived from it
+_NO_RUNS = LogBaseline()  # the run-length baseline of a consumer without completed runs
 
 
 def _iso(ts: float) -> str:
@@ -84,75 +86,110 @@ class Engine:
         self._next_sweep = -INF
         self._next_evict = -INF
         self._alphas: dict[float, float] = {}
+        self._cache_config()
+
+    def _cache_config(self) -> None:
+        """Values derived from the config, kept out of snapshots."""
+        fc = self.config.settings.failure_spike
+        self._model_half = fc.model_window_s / 2.0
 
     # ------------------------------------------------------------------ API
     def observe(self, event: UsageEvent) -> list[Finding]:
         """Process one event; return new, updated and resolved findings."""
+        # The common case (a successful call of a known consumer, nothing
+        # near a threshold) is written out here with the fewest attribute
+        # reads; the rules themselves live in the ``_rule_*`` methods.
         ts = event.ts.timestamp()
         out: list[Finding] = []
         if ts > self._now:
             self._now = ts
             if ts >= self._next_tick:
                 out.extend(self._tick(ts))
-        consumer = event.consumer
-        cs = self._consumers.get(consumer)
+        cs = self._consumers.get(event.consumer)
         if cs is None:
             cs = self._new_consumer(event, ts)
         cfg = cs.cfg
         status = event.status
         failed = status == 0 or status >= 400 or event.finish_reason == "error"
-        tokens = event.input_tokens + event.output_tokens
+        out_tokens = event.output_tokens
+        tokens = event.input_tokens + out_tokens
         cost = event.cost or 0.0
 
         # -- per-minute totals (token_spike, cost_spike, rate rules)
-        m = int(ts // 60)
-        if m > cs.minute:
-            self._close_minutes(cs, m, ts, out)
+        if ts // 60 > cs.minute:
+            self._close_minutes(cs, int(ts // 60), ts, out)
         cs.m_tok += tokens
         cs.m_cost += cost
         cs.m_calls += 1
         cs.calls += 1
-        if ts > cs.last_ts:
+        # seconds since the consumer's latest call (the decayed counts refer to it)
+        dt = ts - cs.last_ts
+        if dt > 0:
             cs.last_ts = ts
 
         # -- request-hash repeats (retry_storm, cache_opportunity)
         rh = event.request_hash
         repeat_fail = False
         if rh is not None:
-            repeat_fail = self._repeat(cs, event, rh, ts, failed, out)
+            if ts >= self._seen_rotate:
+                self._seen_prev = self._seen_cur
+                self._seen_cur = {}
+                self._seen_rotate = ts + self.config.engine.repeat_horizon_s / 2.0
+            k = cs.key + "\x1f" + rh
+            rs = self._repeats.get(k)
+            if rs is not None or k in self._seen_cur or k in self._seen_prev:
+                repeat_fail = self._repeat(cs, event, rh, k, rs, ts, failed, out)
+            else:
+                self._seen_cur[k] = failed  # first sighting
 
         # -- decayed call / failure counts (failure_spike, retry_storm rate rule)
         fc = cfg.failure_spike
-        dt = ts - cs.t_fail
         if dt > 0:
             ds = math.exp(-dt / fc.short_tau_s)
             dl = math.exp(-dt / fc.long_tau_s)
-            cs.ns *= ds
-            cs.fs *= ds
-            cs.nl *= dl
-            cs.fl *= dl
-            cs.t_fail = ts
-        cs.ns += 1.0
-        cs.nl += 1.0
-        ms = self._models.get(event.model)
+            cs.ns = cs.ns * ds + 1.0
+            cs.nl = cs.nl * dl + 1.0
+            if cs.fs:  # 0 stays 0
+                cs.fs *= ds
+            if cs.fl:
+                cs.fl *= dl
+        else:
+            cs.ns += 1.0
+            cs.nl += 1.0
+        model = event.model
+        ms = self._models.get(model)
         if ms is None:
-            ms = self._models[event.model] = ModelState(ts)
-        self._model_calls(ms, event, ts, failed, out)
+            ms = self._models[model] = ModelState(ts)
+        # model-wide failure windows (failure_spike, scope model)
+        if ts >= ms.b_start + self._model_half:
+            self._model_roll(ms, model, ts)
+        if ts > ms.last_ts:
+            ms.last_ts = ts
+        ms.calls += 1
+        cur = ms.cur
+        cur[cs.key] = cur.get(cs.key, 0) + 1
+        ms.cur_n += 1.0
         if failed:
-            cs.last_fail_model = event.model
+            self._model_failed(ms, cs.key, event, ts, out)
+            cs.last_fail_model = model
             if not repeat_fail:
                 cs.fs += 1.0
                 cs.fl += 1.0
             self._rule_failures(cs, ms, event, ts, out, repeat_fail)
         # failure baseline (calls that belong to an open failure episode do not teach it)
-        if (cs.fs < fc.min_failures or cs.fs < 2.0 * cs.ns * (cs.f_base + 1.0) / (
-                cs.n_base + 50.0)) and not self._failure_open(cs):
-            a = 1.0 / fc.baseline_halflife_calls
-            cs.n_base = cs.n_base * (1.0 - a) + 1.0
-            cs.f_base = cs.f_base * (1.0 - a) + (1.0 if failed and not repeat_fail else 0.0)
+        fs = cs.fs
+        if (fs < fc.min_failures or fs < 2.0 * cs.ns * (cs.f_base + 1.0) / (
+                cs.n_base + 50.0)) and not (
+                cs.key in self._book.subjects and self._failure_open(cs)):
+            keep = 1.0 - 1.0 / fc.baseline_halflife_calls
+            cs.n_base = cs.n_base * keep + 1.0
+            if failed and not repeat_fail:
+                cs.f_base = cs.f_base * keep + 1.0
+            elif cs.f_base:  # 0 stays 0
+                cs.f_base = cs.f_base * keep
 
         # -- call size (runaway_reasoning)
-        if not failed and (event.output_tokens or event.latency_ms):
+        if not failed and (out_tokens or event.latency_ms):
             self._rule_runaway(cs, ms, event, ts, out)
 
         # -- runs and sessions (agent_loop, context_bloat)
@@ -160,16 +197,17 @@ class Engine:
         sid = event.session_id
         if tid is not None or sid is not None:
             self._rule_runs(cs, event, ts, tokens, failed, tid, sid, out)
+            src = tid if tid is not None else sid
+            indep = cs.new_run
+        else:
+            src = rh if rh is not None else event.event_id
+            indep = True
 
         # -- token / cost rate on the sliding 60 s window (token_spike, cost_spike)
-        vol = cs.vol
-        b = int(ts // BUCKET_S)
-        if b > vol.b:
-            self._roll_volume(cs, b, ts)
+        if ts // BUCKET_S > cs.b:
+            self._roll_volume(cs, int(ts // BUCKET_S), ts)
         # calls of one run (trace, else session) count as one independent request
-        if vol.add(tokens, cost, tid if tid is not None else sid if sid is not None else
-                   rh if rh is not None else event.event_id, vol.b % NB,
-                   (tid is None and sid is None) or vol.new_run):
+        if cs.add(tokens, cost, src, cs.b % NB, indep):
             self._check_volume(cs, ts, event, out)
         return out
 
@@ -182,7 +220,7 @@ class Engine:
 
     def snapshot(self) -> bytes:
         """The full state, as bytes (pickle; river is pinned)."""
-        state = {k: v for k, v in self.__dict__.items() if k != "config"}
+        state = {k: v for k, v in self.__dict__.items() if k not in _NOT_SNAPSHOT}
         return pickle.dumps((SNAPSHOT_VERSION, state), protocol=pickle.HIGHEST_PROTOCOL)
 
     @classmethod
@@ -203,6 +241,7 @@ class Engine:
             cs.cfg = s
         ec = eng.config.engine
         eng._book.interval_s, eng._book.growth = ec.update_interval_s, ec.update_growth
+        eng._cache_config()
         return eng
 
     def tracked_consumers(self) -> int:
@@ -218,7 +257,7 @@ class Engine:
         if cs is None:
             return None
         models = {}
-        for name, mb in cs.models.items():
+        for name, mb in cs.model_items():
             models[name] = {
                 "calls_seen": mb.think.n,
                 "typical_reasoning_or_output_tokens": round(math.expm1(mb.think.lmean), 1),
@@ -233,7 +272,8 @@ class Engine:
             "last_seen": _iso(cs.last_ts),
             "tokens_per_minute": {"mean": round(cs.tok.mean, 1), "sd": round(cs.tok.sd(), 1),
                                   "minutes": cs.tok.n},
-            "calls_per_minute": {"mean": round(cs.cpm.mean, 3), "sd": round(cs.cpm.sd(), 3)},
+            "calls_per_minute": {"mean": round(cs.cpm_mean, 3),
+                                 "sd": round(ew_sd(cs.cpm_var), 3)},
             "failure_rate": None if fail_rate is None else round(fail_rate, 5),
             "models": models,
             "open_findings": [f.finding_id for f in self.open_findings()
@@ -247,7 +287,8 @@ class Engine:
     # ------------------------------------------------------------ plumbing
     def _new_consumer(self, event: UsageEvent, ts: float) -> ConsumerState:
         cfg = self.config.settings_for(event.tenant, event.consumer)
-        cs = ConsumerState(event.consumer, event.tenant, cfg, ts)
+        cs = ConsumerState(event.consumer, event.tenant, cfg, ts,
+                           self._alpha(cfg.token_spike.halflife_min))
         self._consumers[event.consumer] = cs
         return cs
 
@@ -316,7 +357,7 @@ class Engine:
         gap = m - cs.minute - 1
         x_tok, x_calls = cs.m_tok, cs.m_calls
         learn_t, learn_c = self._spike_learn(cs, ts)
-        vol = cs.vol
+        vol = cs
         st, sc, n5 = vol.window5(float(x_tok), cs.m_cost)
         thr_t = thr_c = INF
         if self._young(cs, ts) < INF:
@@ -327,20 +368,31 @@ class Engine:
         ca = self._alpha(tc.halflife_min)
         if learn_t:
             tok.update(x_tok)
-            cs.cpm.update(x_calls, ca)
+            # calls per minute: EW mean / variance (the recursion of baselines.EW)
+            d = x_calls - cs.cpm_mean
+            inc = ca * d
+            cs.cpm_mean += inc
+            cs.cpm_var = (1.0 - ca) * (cs.cpm_var + d * inc)
         if gap > 0:
             tok.fill_zeros(gap)
-            cs.cpm.fill_zeros(gap, ca)
+            mean, var = cs.cpm_mean, cs.cpm_var
+            for _ in range(min(gap, 240)):
+                d = 0.0 - mean
+                inc = ca * d
+                mean += inc
+                var = (1.0 - ca) * (var + d * inc)
+            cs.cpm_mean, cs.cpm_var = mean, var
         cs.minute = m
         cs.m_tok = 0
         cs.m_cost = 0.0
         cs.m_calls = 0
-        cs.m_fail = 0
 
     def _spike_learn(self, cs: ConsumerState, ts: float) -> tuple[bool, bool]:
         """May the token (cost) baselines learn now?  Not while a token_spike
         (cost_spike) episode of the consumer is open, unless it is two hours
         old (then the new level is accepted)."""
+        if cs.key not in self._book.subjects:
+            return True, True
         op = self._book.open
         ep = op.get(("token_spike", "consumer", cs.key, cs.tenant))
         ep2 = op.get(("cost_spike", "consumer", cs.key, cs.tenant))
@@ -355,7 +407,7 @@ class Engine:
         the warm-up, towards 1 as the consumer ages)."""
         tc = cs.cfg.token_spike
         age = ts - cs.first_ts
-        n = cs.vol.n
+        n = cs.n
         w = tc.warmup_min * 60.0
         if age < w or n < tc.warmup_buckets:
             return INF
@@ -366,7 +418,7 @@ class Engine:
         of bucket ``b`` (see :mod:`detectors.volume`)."""
         tc = cs.cfg.token_spike
         cc = cs.cfg.cost_spike
-        vol = cs.vol
+        vol = cs
         learn_t, learn_c = self._spike_learn(cs, ts)
         per_bucket = 60.0 / BUCKET_S
         vol.roll(b, learn_t, learn_c, self._alpha(tc.halflife_min * per_bucket),
@@ -390,7 +442,7 @@ class Engine:
                       out: list[Finding]) -> None:
         """The 60 s window reached a pre-filter threshold: test it trimmed (its
         largest call removed), with enough calls and no dominating source."""
-        vol = cs.vol
+        vol = cs
         if vol.dominated1():
             return  # one run, session or request: agent_loop / context_bloat / repeats
         mt, mc = vol.largest1(vol.b % NB)
@@ -413,7 +465,7 @@ class Engine:
         """The 5 min window (closed minutes, trimmed), two windows in a row;
         returns its thresholds."""
         tc, cc = cs.cfg.token_spike, cs.cfg.cost_spike
-        vol = cs.vol
+        vol = cs
         per_min = 60.0 / BUCKET_S
         young = self._young(cs, ts)
         thr_t = max(5.0 * tc.sustained_min_tokens_per_min,
@@ -452,7 +504,7 @@ class Engine:
         tc = cs.cfg.token_spike
         if not tc.enabled:
             return
-        vol = cs.vol
+        vol = cs
         win = 5.0 if sustained else 1.0
         base = NB * vol.mean_t
         rmax = (vol.max5_t / 5.0) if sustained else vol.max1_t
@@ -484,7 +536,7 @@ class Engine:
         cc = cs.cfg.cost_spike
         if not cc.enabled:
             return
-        vol = cs.vol
+        vol = cs
         win = 5.0 if sustained else 1.0
         base = NB * vol.mean_c
         bp = vol.base_price()
@@ -558,22 +610,22 @@ class Engine:
             else:
                 cls = 0  # not counted
         model = event.model
-        if len(cs.models) > 1:
+        if cs.models:
             # the model this consumer's recent failures are on
             best = -1.0
-            for name in cs.models:
+            for name, _mb in cs.model_items():
                 m2 = self._models.get(name)
                 if m2 is not None:
-                    fw = m2.window(cs.key)[1]
+                    fw = m2.failures(cs.key)
                     if fw > best:
                         best, model, ms = fw, name, m2
         outage = self._is_open("failure_spike", "model", model, "*", ts)
         # rate rule
         rate_now = cs.ns * 60.0 / fc.short_tau_s
-        cpm = cs.cpm
-        cpm_sd = cpm.sd()
+        cpm_mean = cs.cpm_mean
+        cpm_sd = ew_sd(cs.cpm_var)
         warm_rate = cs.tok.n >= rc.warmup_min
-        rate_thr = max(rc.rate_min_calls, rc.rate_ratio * cpm.mean + rc.rate_z * cpm_sd)
+        rate_thr = max(rc.rate_min_calls, rc.rate_ratio * cpm_mean + rc.rate_z * cpm_sd)
         fail_share = cs.fs / cs.ns
         w = cs.fwin
         jump = rate_now >= rate_thr and fail_share >= rc.rate_min_fail_share
@@ -588,10 +640,10 @@ class Engine:
         if rc.enabled and warm_rate and jump and not outage:
             self._fire(out, kind="retry_storm", scope="consumer", subject=cs.key,
                        tenant=cs.tenant, consumer=cs.key, model=model, ts=ts, first_ts=ts - 30,
-                       observed=rate_now, baseline=cpm.mean, threshold=rate_thr,
+                       observed=rate_now, baseline=cpm_mean, threshold=rate_thr,
                        severity="critical", action="block",
                        summary=(f"{cs.key}: {rate_now:.0f} calls/min vs a baseline of "
-                                f"{cpm.mean:.1f}, {100 * fail_share:.0f}% failing"),
+                                f"{cpm_mean:.1f}, {100 * fail_share:.0f}% failing"),
                        evidence={"rule": "rate_jump", "event_id": event.event_id,
                                  "error": event.error, "status": event.status,
                                  "fail_share": round(fail_share, 3)},
@@ -632,7 +684,7 @@ class Engine:
             return  # looks like the upstream: the model scope decides
         if self._book.keep_alive("retry_storm", "consumer", cs.key, cs.tenant, ts):
             return  # the failures of an ongoing retry storm
-        if rate_now >= max(10.0, 2.0 * (cpm.mean + cpm_sd)) and warm_rate:
+        if rate_now >= max(10.0, 2.0 * (cpm_mean + cpm_sd)) and warm_rate:
             return  # a rate jump: the retry_storm rate rule decides
         self._fire(out, kind="failure_spike", scope="consumer", subject=cs.key, tenant=cs.tenant,
                    consumer=cs.key, model=model, ts=ts, first_ts=t_start, observed=f / n,
@@ -659,13 +711,31 @@ class Engine:
         p0 = self._p0(ms.f_base, ms.n_base, fc.prior_rate, fc.prior_calls)
         if rest_f / rest_n < max(3.0 * p0, 0.1):
             return False
-        others = sum(1 for c, v in ms.cur.items() if c != consumer and v[1] > 0)
-        others += sum(1 for c, v in ms.prev.items()
-                      if c != consumer and v[1] > 0 and c not in ms.cur)
+        cur = ms.cur
+        others = sum(1 for c in ms.curf if c != consumer)
+        others += sum(1 for c in ms.prevf if c != consumer and c not in cur)
         return others >= 2
 
-    def _model_calls(self, ms: ModelState, event: UsageEvent, ts: float, failed: bool,
-                     out: list[Finding]) -> None:
+    def _model_roll(self, ms: ModelState, model: str, ts: float) -> None:
+        """Close the model's current bucket (``model_window_s / 2``): it
+        teaches the model's failure baseline unless it was anomalous."""
+        fc = self.config.settings.failure_spike
+        half = self._model_half
+        p0 = self._p0(ms.f_base, ms.n_base, fc.prior_rate, fc.prior_calls)
+        if (ms.cur_f <= max(fc.min_failures, 3.0 * p0 * ms.cur_n)
+                and not self._is_open("failure_spike", "model", model, "*", ts)):
+            a = self._alpha(fc.model_baseline_halflife_s / half)
+            ms.n_base = ms.n_base * (1.0 - a) + ms.cur_n
+            ms.f_base = ms.f_base * (1.0 - a) + ms.cur_f
+        if ts < ms.b_start + 2 * half:
+            ms.prev, ms.prevf, ms.prev_n, ms.prev_f = ms.cur, ms.curf, ms.cur_n, ms.cur_f
+        else:
+            ms.prev, ms.prevf, ms.prev_n, ms.prev_f = {}, {}, 0.0, 0.0
+        ms.cur, ms.curf, ms.cur_n, ms.cur_f = {}, {}, 0.0, 0.0
+        ms.b_start = ts - (ts - ms.b_start) % half
+
+    def _model_failed(self, ms: ModelState, consumer: str, event: UsageEvent, ts: float,
+                      out: list[Finding]) -> None:
         """failure_spike, scope model (upstream outage): the model's failure
         rate over the last ``model_window_s``, *leaving out its most failing
         consumer* (one broken client is not an outage), significantly above
@@ -673,54 +743,33 @@ class Engine:
         at ``model_min_consumers`` consumers or more and at least
         ``model_min_consumer_share`` of the model's active consumers.  Action
         is always alert; while it is open, consumer-scope failure_spike and
-        retry_storm findings for failures on this model are suppressed."""
+        retry_storm findings for failures on this model are suppressed.
+
+        Called for a failed call, once ``observe`` has counted it in the
+        model's current bucket (:meth:`_model_roll` closes buckets)."""
         fc = self.config.settings.failure_spike
-        half = fc.model_window_s / 2.0
-        if ts >= ms.b_start + half:
-            # the finished bucket teaches the baseline unless it was anomalous
-            p0 = self._p0(ms.f_base, ms.n_base, fc.prior_rate, fc.prior_calls)
-            if (ms.cur_f <= max(fc.min_failures, 3.0 * p0 * ms.cur_n)
-                    and not self._is_open("failure_spike", "model", event.model, "*", ts)):
-                a = self._alpha(fc.model_baseline_halflife_s / half)
-                ms.n_base = ms.n_base * (1.0 - a) + ms.cur_n
-                ms.f_base = ms.f_base * (1.0 - a) + ms.cur_f
-            if ts < ms.b_start + 2 * half:
-                ms.prev, ms.prev_n, ms.prev_f = ms.cur, ms.cur_n, ms.cur_f
-            else:
-                ms.prev, ms.prev_n, ms.prev_f = {}, 0.0, 0.0
-            ms.cur, ms.cur_n, ms.cur_f = {}, 0.0, 0.0
-            ms.b_start = ts - (ts - ms.b_start) % half
-        if ts > ms.last_ts:
-            ms.last_ts = ts
-        ms.calls += 1
-        consumer = event.consumer
-        e = ms.cur.get(consumer)
-        if e is None:
-            e = ms.cur[consumer] = [0.0, 0.0]
-        e[0] += 1.0
-        ms.cur_n += 1.0
-        if failed:
-            e[1] += 1.0
-            ms.cur_f += 1.0
+        half = self._model_half
+        curf = ms.curf
+        curf[consumer] = curf.get(consumer, 0) + 1
+        ms.cur_f += 1.0
         n = ms.cur_n + ms.prev_n
         f = ms.cur_f + ms.prev_f
         p0 = self._p0(ms.f_base, ms.n_base, fc.prior_rate, fc.prior_calls)
         floor = max(fc.min_rate, fc.min_ratio * p0)
         if f < 2.0 * fc.min_failures or f < floor * n:
             return
-        if not failed or not fc.model_enabled or ts < ms.check_at:
+        if not fc.model_enabled or ts < ms.check_at:
             return
         ms.check_at = ts + 2.0  # the per-consumer scan runs at most every 2 s
-        per = ms.per_consumer()
-        _top_c, top = max(per.items(), key=lambda kv: (kv[1][1], kv[0]))
-        rest_n, rest_f = n - top[0], f - top[1]
+        _top_c, top_n, top_f = ms.top_failing()
+        rest_n, rest_f = n - top_n, f - top_f
         if rest_f < fc.min_failures or rest_f < floor * rest_n:
             return
         s = binom_surprise(rest_f, rest_n, p0)
         if s < -fc.log10_alpha * LN10:
             return
-        n_fail = sum(1 for v in per.values() if v[1] > 0)
-        n_act = len(per)
+        n_fail = ms.n_failing()
+        n_act = ms.n_active()
         if n_fail < fc.model_min_consumers or n_fail < fc.model_min_consumer_share * n_act:
             return
         rate = f / n
@@ -737,9 +786,11 @@ class Engine:
                    quiet_s=fc.model_quiet_s)
 
     # ------------------------------------------------------------ repeats
-    def _repeat(self, cs: ConsumerState, event: UsageEvent, rh: str, ts: float, failed: bool,
-                out: list[Finding]) -> bool:
-        """Track a request_hash; return True when this call repeats a failing request.
+    def _repeat(self, cs: ConsumerState, event: UsageEvent, rh: str, k: str,
+                rs: RepeatState | None, ts: float, failed: bool, out: list[Finding]) -> bool:
+        """Track a request_hash seen before (``k``: its key, ``rs``: its
+        tracker if it has one; ``observe`` records first sightings); return
+        True when this call repeats a failing request.
 
         retry_storm (hash rule, see :meth:`_storm_check`): the last attempts
         of a repeating request_hash are kept in a tiny ring (created at its
@@ -754,20 +805,11 @@ class Engine:
         cache_opportunity (info): ``min_repeats`` successful answers of the
         same hash, none of them with cached input tokens.
         """
-        if ts >= self._seen_rotate:
-            self._seen_prev = self._seen_cur
-            self._seen_cur = {}
-            self._seen_rotate = ts + self.config.engine.repeat_horizon_s / 2.0
-        k = cs.key + "\x1f" + rh
-        rs = self._repeats.get(k)
         rc = cs.cfg.retry_storm
         if rs is None:
             first_failed = self._seen_cur.get(k)
             if first_failed is None:
-                first_failed = self._seen_prev.get(k)
-                if first_failed is None:
-                    self._seen_cur[k] = failed
-                    return False
+                first_failed = self._seen_prev[k]
             rs = self._repeats[k] = RepeatState(cs.key, rh, ts, event.model,
                                                 (event.user, event.session_id))
             if first_failed:
@@ -889,9 +931,10 @@ class Engine:
         """
         rcfg = cs.cfg.runaway_reasoning
         model = event.model
-        b = cs.models.get(model)
-        if b is None:
-            b = cs.models[model] = ModelCallBaseline()
+        if model == cs.model1:
+            b: ModelCallBaseline = cs.mb1  # type: ignore[assignment]
+        else:
+            b = cs.model_baseline(model)
         rsn = event.reasoning_tokens
         if rsn > 0:
             b.has_reasoning = True
@@ -901,6 +944,12 @@ class Engine:
         if not rcfg.enabled:
             return
         rule = None
+        # every rule needs min_tokens of thinking, or max_think_tokens, or the
+        # reasoning budget hit: most calls are below all three and only learn
+        if (think < rcfg.min_tokens and think < rcfg.max_think_tokens
+                and (rsn < rcfg.length_min_reasoning or event.finish_reason != "length")):
+            self._learn_call_size(cs, ms, b, think, lat)
+            return
         # before the (consumer, model) baseline is warm, a reasoning model's
         # model-wide baseline stands in (output sizes of plain models vary too
         # much between consumers for that)
@@ -940,25 +989,7 @@ class Engine:
                         and lat >= rcfg.ratio_to_mean * la.geomean()):
                     rule = "latency"
         if rule is None:
-            n = b.think.n
-            if n >= 200 and cs.calls % LEARN_SAMPLE:
-                # a settled baseline learns its mean/variance from one call in
-                # LEARN_SAMPLE; the recent maximum sees every call
-                bt, bl = b.think, b.lat
-                r = bt.rmax * 0.998
-                bt.rmax = think if think > r else r
-                r = bl.rmax * 0.998
-                bl.rmax = lat if lat > r else r
-                return
-            a = 0.02
-            decay = 0.998
-            b.think.update(think, a, decay)
-            if lat > 0:
-                b.lat.update(lat, a, decay)
-            if ms.calls % MODEL_SAMPLE == 0:
-                ms.size.think.update(think, a, decay)
-                if lat > 0:
-                    ms.size.lat.update(lat, a, decay)
+            self._learn_call_size(cs, ms, b, think, lat)
             return
         hist = self._runaway_ts.setdefault(cs.key, [])
         hist.append(ts)
@@ -997,6 +1028,30 @@ class Engine:
                              "runaway_calls_in_window": len(hist)},
                    quiet_s=rcfg.quiet_s)
 
+    @staticmethod
+    def _learn_call_size(cs: ConsumerState, ms: ModelState, b: ModelCallBaseline, think: float,
+                         lat: float) -> None:
+        """A normal call teaches the (consumer, model) and model-wide call-size baselines."""
+        bt = b.think
+        if bt.n >= 200 and cs.calls % LEARN_SAMPLE:
+            # a settled baseline learns its mean/variance from one call in
+            # LEARN_SAMPLE; the recent maximum sees every call
+            bl = b.lat
+            r = bt.rmax * 0.998
+            bt.rmax = think if think > r else r
+            r = bl.rmax * 0.998
+            bl.rmax = lat if lat > r else r
+            return
+        a = 0.02
+        decay = 0.998
+        bt.update(think, a, decay)
+        if lat > 0:
+            b.lat.update(lat, a, decay)
+        if ms.calls % MODEL_SAMPLE == 0:
+            ms.size.think.update(think, a, decay)
+            if lat > 0:
+                ms.size.lat.update(lat, a, decay)
+
     # --------------------------------------------------------------- runs
     def _rule_runs(self, cs: ConsumerState, event: UsageEvent, ts: float, tokens: int,
                    failed: bool, tid: str | None, sid: str | None, out: list[Finding]) -> None:
@@ -1019,7 +1074,7 @@ class Engine:
         if r is None:
             r = runs[key] = RunState(cs.key, cs.tenant, ts, event.model)
         r.calls += 1
-        cs.vol.new_run = r.calls == 1
+        cs.new_run = r.calls == 1
         r.tokens += tokens
         if ts > r.last_ts:
             r.last_ts = ts
@@ -1028,8 +1083,9 @@ class Engine:
         ac = cs.cfg.agent_loop
         if ac.enabled and (r.calls >= ac.min_calls or r.tokens >= ac.min_tokens):
             if cs.runs >= ac.warmup_runs:
-                thr_c = max(ac.min_calls, ac.ratio * cs.run_calls.limit(2.33, 0.1))
-                thr_t = max(ac.min_tokens, ac.token_ratio * cs.run_tok.limit(2.33, 0.1))
+                thr_c = max(ac.min_calls, ac.ratio * (cs.run_calls or _NO_RUNS).limit(2.33, 0.1))
+                thr_t = max(ac.min_tokens,
+                            ac.token_ratio * (cs.run_tok or _NO_RUNS).limit(2.33, 0.1))
             else:
                 thr_c = max(ac.min_calls, ac.guard_calls)
                 thr_t = max(ac.min_tokens, 10 * ac.min_tokens)
@@ -1045,8 +1101,8 @@ class Engine:
                 by_calls = r.calls / thr_c >= r.tokens / thr_t
                 obs, thr = (float(r.calls), thr_c) if by_calls else (float(r.tokens), thr_t)
                 crit = obs >= ac.critical_ratio * thr
-                base = (cs.run_calls.geomean() if by_calls else cs.run_tok.geomean()
-                        ) if cs.runs else 0.0
+                base = ((cs.run_calls or _NO_RUNS).geomean() if by_calls
+                        else (cs.run_tok or _NO_RUNS).geomean()) if cs.runs else 0.0
                 rid = tid if tid is not None else sid
                 self._fire(out, kind="agent_loop", scope="session", subject=rid or "",
                            tenant=cs.tenant, consumer=cs.key, model=event.model, ts=ts,
@@ -1118,9 +1174,7 @@ class Engine:
             if now - r.last_ts >= idle:
                 done.append(k)
                 if cs is not None and not r.flagged & 7:  # bit 8 (long growth) is normal
-                    cs.run_calls.update(float(r.calls), 0.05, 0.995)
-                    cs.run_tok.update(float(r.tokens), 0.05, 0.995)
-                    cs.runs += 1
+                    cs.learn_run(float(r.calls), float(r.tokens))
         for k in done:
             del self._runs[k]
 

@@ -1,7 +1,7 @@
 """Per-key state of the detection engine: compact ``__slots__`` records.
 
 Memory matters (one :class:`ConsumerState` per tracked consumer, 100k+ of
-them), so only the per-minute token and cost baselines use river objects
+them), so only the per-minute token baseline uses a river object
 (:class:`~detectors.baselines.MinuteSeries`); everything else is a handful of
 floats.  Per-(consumer, model) call-size baselines exist only for the models a
 consumer actually uses, and request-hash trackers only once a hash repeats.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .baselines import EW, LogBaseline, MinuteSeries
+from .baselines import LogBaseline, MinuteSeries
 from .config import Settings
 from .reliability import FailWindow, HashWindow
 from .volume import Volume
@@ -19,11 +19,16 @@ from .volume import Volume
 INF = float("inf")
 
 
-class ConsumerState:
+class ConsumerState(Volume):
+    """One tracked consumer.  It *is* its :class:`~detectors.volume.Volume`
+    (the 60 s / 5 min rate windows of token_spike and cost_spike), so that a
+    consumer costs one object plus its ring array and a few small records."""
+
     __slots__ = (
         "calls",
         "cfg",
-        "cpm",
+        "cpm_mean",
+        "cpm_var",
         "f_base",
         "first_ts",
         "fl",
@@ -34,9 +39,10 @@ class ConsumerState:
         "last_ts",
         "m_calls",
         "m_cost",
-        "m_fail",
         "m_tok",
+        "mb1",
         "minute",
+        "model1",
         "models",
         "n_base",
         "nl",
@@ -44,40 +50,78 @@ class ConsumerState:
         "run_calls",
         "run_tok",
         "runs",
-        "t_fail",
         "tenant",
         "tok",
-        "vol",
     )
 
-    def __init__(self, key: str, tenant: str, cfg: Settings, ts: float) -> None:
+    def __init__(self, key: str, tenant: str, cfg: Settings, ts: float,
+                 tok_alpha: float | None = None) -> None:
+        Volume.__init__(self, ts)  # 60 s / 5 min rate windows (token_spike, cost_spike)
         self.key = key
         self.tenant = tenant
         self.cfg = cfg
         self.first_ts = ts
-        self.last_ts = ts
+        self.last_ts = ts  # also the time the decayed failure counts refer to
         self.minute = int(ts // 60)
         self.m_tok = 0  # current minute's totals
         self.m_cost = 0.0
         self.m_calls = 0
-        self.m_fail = 0
-        ts_cfg = cfg.token_spike
-        self.tok = MinuteSeries(ts_cfg.halflife_min)  # tokens / minute (river)
-        self.cpm = EW()  # calls / minute
-        self.vol = Volume(ts)  # 60 s / 5 min rate windows (token_spike, cost_spike)
+        # tokens / minute (river)
+        self.tok = MinuteSeries(cfg.token_spike.halflife_min, tok_alpha)
+        self.cpm_mean = 0.0  # calls / minute: EW mean and variance (see baselines.EW)
+        self.cpm_var = 0.0
         # failures: decayed counts (short and long window) and a slow baseline
         self.ns = self.fs = self.nl = self.fl = 0.0
-        self.t_fail = ts
         self.f_base = 0.0  # EW failures / calls, counts with a half-life in calls
         self.n_base = 0.0
         self.calls = 0
         self.last_fail_model: str | None = None
         self.fwin: FailWindow | None = None  # last failures (failure_spike), lazily
-        self.models: dict[str, ModelCallBaseline] = {}
-        # agent runs: EW of log(calls) and log(tokens) per completed run
+        # call-size baselines per model: the first model inline, others in a dict
+        self.model1: str | None = None
+        self.mb1: ModelCallBaseline | None = None
+        self.models: dict[str, ModelCallBaseline] | None = None
+        # agent runs: EW of log(calls) and log(tokens) per completed run (from the first)
         self.runs = 0
-        self.run_calls = LogBaseline()
-        self.run_tok = LogBaseline()
+        self.run_calls: LogBaseline | None = None
+        self.run_tok: LogBaseline | None = None
+
+    def model_baseline(self, model: str) -> ModelCallBaseline:
+        """The (consumer, model) call-size baseline, created on first use."""
+        if model == self.model1:
+            return self.mb1  # type: ignore[return-value]
+        if self.model1 is None:
+            self.model1 = model
+            b = self.mb1 = ModelCallBaseline()
+            return b
+        ms = self.models
+        if ms is None:
+            ms = self.models = {}
+        b2 = ms.get(model)
+        if b2 is None:
+            b2 = ms[model] = ModelCallBaseline()
+        return b2
+
+    def model_count(self) -> int:
+        return 0 if self.model1 is None else 1 + (len(self.models) if self.models else 0)
+
+    def model_items(self) -> list[tuple[str, ModelCallBaseline]]:
+        """(model, baseline) in the order the models were first seen."""
+        if self.model1 is None:
+            return []
+        out = [(self.model1, self.mb1)]
+        if self.models:
+            out.extend(self.models.items())
+        return out  # type: ignore[return-value]
+
+    def learn_run(self, calls: float, tokens: float) -> None:
+        """A completed normal run teaches the run-length baselines."""
+        if self.run_calls is None:
+            self.run_calls = LogBaseline()
+            self.run_tok = LogBaseline()
+        self.run_calls.update(calls, 0.05, 0.995)
+        self.run_tok.update(tokens, 0.05, 0.995)  # type: ignore[union-attr]
+        self.runs += 1
 
 
 class ModelCallBaseline:
@@ -155,15 +199,18 @@ class RepeatState:
 
 class ModelState:
     """Failure statistics of one model across all its consumers, in two
-    buckets of ``model_window_s / 2`` (current and previous), per consumer."""
+    buckets of ``model_window_s / 2`` (current and previous), per consumer:
+    calls (consumer -> count) and failures (only consumers that failed)."""
 
-    __slots__ = ("b_start", "calls", "check_at", "cur", "cur_f", "cur_n", "f_base", "last_ts",
-                 "n_base", "prev", "prev_f", "prev_n", "size")
+    __slots__ = ("b_start", "calls", "check_at", "cur", "cur_f", "cur_n", "curf", "f_base",
+                 "last_ts", "n_base", "prev", "prev_f", "prev_n", "prevf", "size")
 
     def __init__(self, ts: float) -> None:
         self.b_start = ts
-        self.cur: dict[str, list[float]] = {}  # consumer -> [calls, failures]
-        self.prev: dict[str, list[float]] = {}
+        self.cur: dict[str, int] = {}  # consumer -> calls
+        self.curf: dict[str, int] = {}  # consumer -> failures (> 0)
+        self.prev: dict[str, int] = {}
+        self.prevf: dict[str, int] = {}
         self.cur_n = self.cur_f = self.prev_n = self.prev_f = 0.0
         self.f_base = 0.0
         self.n_base = 0.0
@@ -174,19 +221,38 @@ class ModelState:
 
     def window(self, consumer: str) -> tuple[float, float]:
         """(calls, failures) of one consumer in the window."""
-        a = self.cur.get(consumer)
-        b = self.prev.get(consumer)
-        n = (a[0] if a else 0.0) + (b[0] if b else 0.0)
-        f = (a[1] if a else 0.0) + (b[1] if b else 0.0)
-        return n, f
+        n = self.cur.get(consumer, 0) + self.prev.get(consumer, 0)
+        f = self.curf.get(consumer, 0) + self.prevf.get(consumer, 0)
+        return float(n), float(f)
 
-    def per_consumer(self) -> dict[str, list[float]]:
-        out = {c: [v[0], v[1]] for c, v in self.prev.items()}
-        for c, v in self.cur.items():
-            o = out.get(c)
-            if o is None:
-                out[c] = [v[0], v[1]]
-            else:
-                o[0] += v[0]
-                o[1] += v[1]
-        return out
+    def failures(self, consumer: str) -> int:
+        return self.curf.get(consumer, 0) + self.prevf.get(consumer, 0)
+
+    def top_failing(self) -> tuple[str, float, float]:
+        """The consumer with the most failures in the window (ties: the
+        greatest name) with its (calls, failures); the window must hold a
+        failure."""
+        curf, prevf = self.curf, self.prevf
+        best: tuple[int, str] | None = None
+        for c, f in curf.items():
+            k = (f + prevf.get(c, 0), c)
+            if best is None or k > best:
+                best = k
+        for c, f in prevf.items():
+            if c not in curf:
+                k = (f, c)
+                if best is None or k > best:
+                    best = k
+        assert best is not None
+        c = best[1]
+        return c, float(self.cur.get(c, 0) + self.prev.get(c, 0)), float(best[0])
+
+    def n_failing(self) -> int:
+        """Consumers with a failure in the window."""
+        curf = self.curf
+        return len(curf) + sum(1 for c in self.prevf if c not in curf)
+
+    def n_active(self) -> int:
+        """Consumers with a call in the window."""
+        cur = self.cur
+        return len(cur) + sum(1 for c in self.prev if c not in cur)
