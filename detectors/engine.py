@@ -37,7 +37,18 @@ from .config import DetectorConfig, Settings
 from .episodes import EpisodeBook
 from .finding import Finding
 from .reliability import CLIENT, FailWindow, HashWindow, failure_class
-from .state import INF, ConsumerState, ModelCallBaseline, ModelState, RepeatState, RunState
+from .state import (
+    INF,
+    LAT,
+    RMAX,
+    THINK,
+    ConsumerState,
+    ModelCallBaseline,
+    ModelState,
+    N,
+    RepeatState,
+    RunState,
+)
 from .volume import BUCKET_S, NB
 
 SNAPSHOT_VERSION = 2  # 2: ConsumerState is its Volume; lean per-consumer records
@@ -171,7 +182,6 @@ class Engine:
         ms.cur_n += 1.0
         if failed:
             self._model_failed(ms, cs.key, event, ts, out)
-            cs.last_fail_model = model
             if not repeat_fail:
                 cs.fs += 1.0
                 cs.fl += 1.0
@@ -196,9 +206,9 @@ class Engine:
         tid = event.trace_id
         sid = event.session_id
         if tid is not None or sid is not None:
-            self._rule_runs(cs, event, ts, tokens, failed, tid, sid, out)
+            # only a run's first call is an independent request
+            indep = self._rule_runs(cs, event, ts, tokens, failed, tid, sid, out)
             src = tid if tid is not None else sid
-            indep = cs.new_run
         else:
             src = rh if rh is not None else event.event_id
             indep = True
@@ -259,10 +269,10 @@ class Engine:
         models = {}
         for name, mb in cs.model_items():
             models[name] = {
-                "calls_seen": mb.think.n,
-                "typical_reasoning_or_output_tokens": round(math.expm1(mb.think.lmean), 1),
-                "recent_max_reasoning_or_output_tokens": round(mb.think.rmax, 1),
-                "typical_latency_s": round(math.expm1(mb.lat.lmean), 2),
+                "calls_seen": int(mb[THINK + N]),
+                "typical_reasoning_or_output_tokens": round(mb.geomean(THINK), 1),
+                "recent_max_reasoning_or_output_tokens": round(mb[THINK + RMAX], 1),
+                "typical_latency_s": round(mb.geomean(LAT), 2),
                 "reports_reasoning": mb.has_reasoning,
             }
         fail_rate = cs.f_base / cs.n_base if cs.n_base > 0 else None
@@ -953,12 +963,12 @@ class Engine:
         # before the (consumer, model) baseline is warm, a reasoning model's
         # model-wide baseline stands in (output sizes of plain models vary too
         # much between consumers for that)
-        ref: ModelCallBaseline | None = b if b.think.n >= rcfg.warmup_calls else (
-            ms.size if ms.size.think.n >= rcfg.warmup_calls and ms.size.has_reasoning
+        ref: ModelCallBaseline | None = b if b[THINK + N] >= rcfg.warmup_calls else (
+            ms.size if ms.size[THINK + N] >= rcfg.warmup_calls and ms.size.has_reasoning
             else None)
         if (lat >= rcfg.max_latency_s and b.has_reasoning and think >= rcfg.min_tokens
-                and (ref is None or (think >= ref.think.limit(0.7 * rcfg.z)
-                                     and think >= rcfg.ratio_to_recent_max * ref.think.rmax))):
+                and (ref is None or (think >= ref.limit(THINK, 0.7 * rcfg.z)
+                                     and think >= rcfg.ratio_to_recent_max * ref[THINK + RMAX]))):
             # a long call that also thought unusually much (a slow call with a
             # normal amount of thinking is upstream latency, not runaway reasoning)
             rule = "max_latency"
@@ -972,21 +982,19 @@ class Engine:
             # so its variance says little: there the largest recent call of
             # the model (x 2 x ratio_to_recent_max) replaces the z-test
             own = ref is b
-            t = ref.think
             rmax_ratio = rcfg.ratio_to_recent_max * (1.0 if own else 2.0)
             # output tokens of a model that reports no reasoning are not all
             # thinking (long answers are normal): one sd more evidence there
             zt = rcfg.z if b.has_reasoning else rcfg.z + 1.0
-            if (think >= rcfg.min_tokens and (not own or think >= t.limit(zt))
-                    and think >= rmax_ratio * t.rmax
-                    and think >= rcfg.ratio_to_mean * t.geomean()):
+            if (think >= rcfg.min_tokens and (not own or think >= ref.limit(THINK, zt))
+                    and think >= rmax_ratio * ref[THINK + RMAX]
+                    and think >= rcfg.ratio_to_mean * ref.geomean(THINK)):
                 rule = "tokens"
             else:
-                la = ref.lat
                 if (lat >= rcfg.min_latency_s and b.has_reasoning and think >= rcfg.min_tokens
-                        and (not own or lat >= la.limit(rcfg.z))
-                        and lat >= rmax_ratio * la.rmax
-                        and lat >= rcfg.ratio_to_mean * la.geomean()):
+                        and (not own or lat >= ref.limit(LAT, rcfg.z))
+                        and lat >= rmax_ratio * ref[LAT + RMAX]
+                        and lat >= rcfg.ratio_to_mean * ref.geomean(LAT)):
                     rule = "latency"
         if rule is None:
             self._learn_call_size(cs, ms, b, think, lat)
@@ -999,17 +1007,17 @@ class Engine:
         if len(hist) > 64:
             del hist[:-64]
         repeated = len(hist) >= rcfg.repeat_count
-        base_t = ref.think.geomean() if ref is not None else 0.0
-        base_l = ref.lat.geomean() if ref is not None else 0.0
+        base_t = ref.geomean(THINK) if ref is not None else 0.0
+        base_l = ref.geomean(LAT) if ref is not None else 0.0
         if rule in ("max_latency", "latency"):
             obs, base, thr = lat, base_l, (rcfg.max_latency_s if rule == "max_latency" else
-                                           ref.lat.limit(rcfg.z) if ref else 0.0)
+                                           ref.limit(LAT, rcfg.z) if ref else 0.0)
             what = f"ran {lat:.0f} s"
         else:
             obs, base = think, base_t
             thr = (rcfg.max_think_tokens if rule == "max_tokens" else
                    float(event.max_output_tokens or event.output_tokens)
-                   if rule == "reasoning_budget" else ref.think.limit(rcfg.z) if ref else 0.0)
+                   if rule == "reasoning_budget" else ref.limit(THINK, rcfg.z) if ref else 0.0)
             what = f"thought {think:.0f} tokens"
         summary = (f"{cs.key}: a {model} call {what} (typical {_fmt(base_t)} tokens, "
                    f"{base_l:.0f} s; rule {rule})")
@@ -1032,30 +1040,29 @@ class Engine:
     def _learn_call_size(cs: ConsumerState, ms: ModelState, b: ModelCallBaseline, think: float,
                          lat: float) -> None:
         """A normal call teaches the (consumer, model) and model-wide call-size baselines."""
-        bt = b.think
-        if bt.n >= 200 and cs.calls % LEARN_SAMPLE:
+        if b[THINK + N] >= 200 and cs.calls % LEARN_SAMPLE:
             # a settled baseline learns its mean/variance from one call in
             # LEARN_SAMPLE; the recent maximum sees every call
-            bl = b.lat
-            r = bt.rmax * 0.998
-            bt.rmax = think if think > r else r
-            r = bl.rmax * 0.998
-            bl.rmax = lat if lat > r else r
+            r = b[THINK + RMAX] * 0.998
+            b[THINK + RMAX] = think if think > r else r
+            r = b[LAT + RMAX] * 0.998
+            b[LAT + RMAX] = lat if lat > r else r
             return
         a = 0.02
         decay = 0.998
-        bt.update(think, a, decay)
+        b.update(THINK, think, a, decay)
         if lat > 0:
-            b.lat.update(lat, a, decay)
+            b.update(LAT, lat, a, decay)
         if ms.calls % MODEL_SAMPLE == 0:
-            ms.size.think.update(think, a, decay)
+            size = ms.size
+            size.update(THINK, think, a, decay)
             if lat > 0:
-                ms.size.lat.update(lat, a, decay)
+                size.update(LAT, lat, a, decay)
 
     # --------------------------------------------------------------- runs
     def _rule_runs(self, cs: ConsumerState, event: UsageEvent, ts: float, tokens: int,
-                   failed: bool, tid: str | None, sid: str | None, out: list[Finding]) -> None:
-        """agent_loop and context_bloat.
+                   failed: bool, tid: str | None, sid: str | None, out: list[Finding]) -> bool:
+        """agent_loop and context_bloat; True when the call starts a run.
 
         agent_loop: a run (trace_id, else session_id) with more calls than
         max(min_calls, ratio x the consumer's long run), the long run being
@@ -1074,7 +1081,7 @@ class Engine:
         if r is None:
             r = runs[key] = RunState(cs.key, cs.tenant, ts, event.model)
         r.calls += 1
-        cs.new_run = r.calls == 1
+        new_run = r.calls == 1
         r.tokens += tokens
         if ts > r.last_ts:
             r.last_ts = ts
@@ -1130,7 +1137,7 @@ class Engine:
         else:
             s = r
         if failed:
-            return
+            return new_run
         inp = event.input_tokens
         bc = cs.cfg.context_bloat
         # growth is history resent call after call; a jump (x3 and more) is
@@ -1163,6 +1170,7 @@ class Engine:
                                  "cached_input_tokens": event.cached_input_tokens,
                                  "event_id": event.event_id},
                        quiet_s=bc.quiet_s)
+        return new_run
 
     def _sweep_runs(self, now: float) -> None:
         """Finish runs idle for ``run_idle_s``: normal ones teach the

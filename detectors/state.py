@@ -9,14 +9,37 @@ consumer actually uses, and request-hash trackers only once a hash repeats.
 
 from __future__ import annotations
 
+import math
+from array import array
 from typing import Any
 
 from .baselines import LogBaseline, MinuteSeries
 from .config import Settings
 from .reliability import FailWindow, HashWindow
-from .volume import Volume
+from .volume import VSIZE, Volume
 
 INF = float("inf")
+
+# the consumer's float figures, after the Volume's in its array (a float
+# object per figure would cost three times as much)
+(FIRST_TS, LAST_TS, M_COST, CPM_MEAN, CPM_VAR, NS, FS, NL, FL, F_BASE,
+ N_BASE) = range(VSIZE, VSIZE + 11)
+CSIZE = VSIZE + 11
+
+
+class _Field:
+    """A float figure of a :class:`ConsumerState`, stored in its array."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+
+    def __get__(self, obj: Volume, cls: Any = None) -> float:
+        return obj.a[self.i]
+
+    def __set__(self, obj: Volume, v: float) -> None:
+        obj.a[self.i] = v
 
 
 class ConsumerState(Volume):
@@ -27,26 +50,14 @@ class ConsumerState(Volume):
     __slots__ = (
         "calls",
         "cfg",
-        "cpm_mean",
-        "cpm_var",
-        "f_base",
-        "first_ts",
-        "fl",
-        "fs",
         "fwin",
         "key",
-        "last_fail_model",
-        "last_ts",
         "m_calls",
-        "m_cost",
         "m_tok",
         "mb1",
         "minute",
         "model1",
         "models",
-        "n_base",
-        "nl",
-        "ns",
         "run_calls",
         "run_tok",
         "runs",
@@ -54,28 +65,35 @@ class ConsumerState(Volume):
         "tok",
     )
 
+    first_ts = _Field(FIRST_TS)
+    last_ts = _Field(LAST_TS)  # also the time the decayed failure counts refer to
+    m_cost = _Field(M_COST)  # current minute's cost
+    cpm_mean = _Field(CPM_MEAN)  # calls / minute: EW mean and variance (see baselines.EW)
+    cpm_var = _Field(CPM_VAR)
+    # failures: decayed counts (short and long window) and a slow baseline (EW
+    # failures / calls, counts with a half-life in calls)
+    ns = _Field(NS)
+    fs = _Field(FS)
+    nl = _Field(NL)
+    fl = _Field(FL)
+    f_base = _Field(F_BASE)
+    n_base = _Field(N_BASE)
+
     def __init__(self, key: str, tenant: str, cfg: Settings, ts: float,
                  tok_alpha: float | None = None) -> None:
-        Volume.__init__(self, ts)  # 60 s / 5 min rate windows (token_spike, cost_spike)
+        # 60 s / 5 min rate windows (token_spike, cost_spike), then the figures above
+        Volume.__init__(self, ts, CSIZE)
         self.key = key
         self.tenant = tenant
         self.cfg = cfg
-        self.first_ts = ts
-        self.last_ts = ts  # also the time the decayed failure counts refer to
+        a = self.a
+        a[FIRST_TS] = a[LAST_TS] = ts
         self.minute = int(ts // 60)
-        self.m_tok = 0  # current minute's totals
-        self.m_cost = 0.0
+        self.m_tok = 0  # current minute's totals (cost: in the array)
         self.m_calls = 0
         # tokens / minute (river)
         self.tok = MinuteSeries(cfg.token_spike.halflife_min, tok_alpha)
-        self.cpm_mean = 0.0  # calls / minute: EW mean and variance (see baselines.EW)
-        self.cpm_var = 0.0
-        # failures: decayed counts (short and long window) and a slow baseline
-        self.ns = self.fs = self.nl = self.fl = 0.0
-        self.f_base = 0.0  # EW failures / calls, counts with a half-life in calls
-        self.n_base = 0.0
         self.calls = 0
-        self.last_fail_model: str | None = None
         self.fwin: FailWindow | None = None  # last failures (failure_spike), lazily
         # call-size baselines per model: the first model inline, others in a dict
         self.model1: str | None = None
@@ -92,14 +110,14 @@ class ConsumerState(Volume):
             return self.mb1  # type: ignore[return-value]
         if self.model1 is None:
             self.model1 = model
-            b = self.mb1 = ModelCallBaseline()
+            b = self.mb1 = ModelCallBaseline.new()
             return b
         ms = self.models
         if ms is None:
             ms = self.models = {}
         b2 = ms.get(model)
         if b2 is None:
-            b2 = ms[model] = ModelCallBaseline()
+            b2 = ms[model] = ModelCallBaseline.new()
         return b2
 
     def model_count(self) -> int:
@@ -124,15 +142,66 @@ class ConsumerState(Volume):
         self.runs += 1
 
 
-class ModelCallBaseline:
-    """Size and duration of one call, for one (consumer, model) or one model."""
+# ModelCallBaseline layout: two LogBaseline-like records (log mean, log
+# variance, recent max, count) and a flag
+THINK = 0  # reasoning tokens (or output tokens without reasoning)
+LAT = 4  # seconds
+RMAX = 2  # offset of the recent maximum in a record
+N = 3  # offset of the count
+_HAS_R = 8
+_MCB_ZEROS = array("d", (0.0,)) * 9
 
-    __slots__ = ("has_reasoning", "lat", "think")
 
-    def __init__(self) -> None:
-        self.think = LogBaseline()  # reasoning tokens (or output tokens without reasoning)
-        self.lat = LogBaseline()  # seconds
-        self.has_reasoning = False
+class ModelCallBaseline(array):
+    """Size and duration of one call, for one (consumer, model) or one model:
+    :class:`~detectors.baselines.LogBaseline` records (same recursion) of the
+    thinking (``THINK``) and the duration (``LAT``), packed in one
+    ``array('d')`` (one object instead of three plus six floats).
+
+    >>> b = ModelCallBaseline.new()
+    >>> b.update(THINK, 100.0, 0.02, 0.998); b.update(THINK, 300.0, 0.02, 0.998)
+    >>> ref = LogBaseline(); ref.update(100.0, 0.02, 0.998); ref.update(300.0, 0.02, 0.998)
+    >>> b.limit(THINK, 5.0) == ref.limit(5.0), b[THINK + RMAX] == ref.rmax, int(b[THINK + N])
+    (True, True, 2)
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def new(cls) -> ModelCallBaseline:
+        return cls("d", _MCB_ZEROS)
+
+    @property
+    def has_reasoning(self) -> bool:
+        return self[_HAS_R] != 0.0
+
+    @has_reasoning.setter
+    def has_reasoning(self, v: bool) -> None:
+        self[_HAS_R] = 1.0 if v else 0.0
+
+    def update(self, o: int, x: float, a: float, decay: float) -> None:
+        """:meth:`LogBaseline.update` of the record at ``o``."""
+        lx = math.log1p(x)
+        if self[o + 3] == 0:
+            self[o] = lx
+        else:
+            m = self[o]
+            d = lx - m
+            inc = a * d
+            self[o] = m + inc
+            self[o + 1] = (1.0 - a) * (self[o + 1] + d * inc)
+        r = self[o + 2] * decay
+        self[o + 2] = x if x > r else r
+        self[o + 3] += 1.0
+
+    def limit(self, o: int, z: float, sd_floor: float = 0.25) -> float:
+        """:meth:`LogBaseline.limit` of the record at ``o``."""
+        v = self[o + 1]
+        sd = math.sqrt(v) if v > 0 else 0.0
+        return math.expm1(self[o] + z * max(sd, sd_floor))
+
+    def geomean(self, o: int) -> float:
+        return math.expm1(self[o])
 
 
 class RunState:
@@ -217,7 +286,7 @@ class ModelState:
         self.calls = 0
         self.last_ts = ts
         self.check_at = -INF
-        self.size = ModelCallBaseline()  # call sizes across consumers (runaway fallback)
+        self.size = ModelCallBaseline.new()  # call sizes across consumers (runaway fallback)
 
     def window(self, consumer: str) -> tuple[float, float]:
         """(calls, failures) of one consumer in the window."""
