@@ -55,30 +55,42 @@ class MinuteSeries:
         self.n = 0
 
     def update(self, x: float) -> None:
-        v = self._v
-        v.update(x)
-        if self.n:
-            a = v.fading_factor
-            self.mean = a * x + (1.0 - a) * self.mean
-        else:
-            self.mean = x
+        self.mean = minute_update(self._v, self.n, self.mean, x)
         self.n += 1
 
     def fill_zeros(self, k: int) -> None:
         k = min(k, self.MAX_FILL)
-        if k <= 0:
-            return
-        v = self._v
-        a = v.fading_factor
-        m = self.mean if self.n else 0.0
-        for _ in range(k):
-            v.update(0.0)
-            m = a * 0.0 + (1.0 - a) * m
-        self.mean = m
-        self.n += k
+        self.mean = minute_fill_zeros(self._v, self.n, self.mean, k)
+        self.n += max(k, 0)
 
     def sd(self) -> float:
-        return math.sqrt(max(self._v.get(), 0.0))
+        return minute_sd(self._v)
+
+
+def minute_update(v: stats.EWVar, n: int, mean: float, x: float) -> float:
+    """Feed ``x`` to river's EWVar ``v`` (``n`` values so far); return the new
+    EW mean (river EWMean's recursion: the first value, then a x + (1 - a) m)."""
+    v.update(x)
+    if n:
+        a = v.fading_factor
+        return a * x + (1.0 - a) * mean
+    return x
+
+
+def minute_fill_zeros(v: stats.EWVar, n: int, mean: float, k: int) -> float:
+    """:func:`minute_update` with ``k`` zeros (k <= MAX_FILL)."""
+    if k <= 0:
+        return mean
+    a = v.fading_factor
+    m = mean if n else 0.0
+    for _ in range(k):
+        v.update(0.0)
+        m = a * 0.0 + (1.0 - a) * m
+    return m
+
+
+def minute_sd(v: stats.EWVar) -> float:
+    return math.sqrt(max(v.get(), 0.0))
 
 
 class EW:

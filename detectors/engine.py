@@ -62,6 +62,36 @@ _NOT_SNAPSHOT = frozenset(("config", "_model_half"))  # the config and values de
 _NO_RUNS = LogBaseline()  # the run-length baseline of a consumer without completed runs
 
 
+def _seen_get(seen: dict[str, Any], rh: str, consumer: str) -> bool | None:
+    """Was request hash ``rh`` of ``consumer`` seen in this generation, and
+    did that call fail (None: not seen)?  The table is keyed by the hash, the
+    value is the consumer's key (a success), a 1-tuple of it (a failure), or
+    for a hash sent by several consumers a dict consumer -> failed; the keys
+    are the events' own strings (no per-event key string is built or kept)."""
+    v = seen.get(rh)
+    if v is None:
+        return None
+    if v.__class__ is str:
+        return False if v == consumer else None
+    if v.__class__ is tuple:
+        return True if v[0] == consumer else None
+    r: bool | None = v.get(consumer)
+    return r
+
+
+def _seen_put(seen: dict[str, Any], rh: str, consumer: str, failed: bool) -> None:
+    """Record a first sighting (see :func:`_seen_get`)."""
+    v = seen.get(rh)
+    if v is None:
+        seen[rh] = (consumer,) if failed else consumer
+    elif v.__class__ is dict:
+        v[consumer] = failed
+    elif v.__class__ is str:
+        seen[rh] = {v: False, consumer: failed}
+    else:
+        seen[rh] = {v[0]: True, consumer: failed}
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat()
 
@@ -87,9 +117,10 @@ class Engine:
         self._models: dict[str, ModelState] = {}
         self._runs: dict[str, RunState] = {}
         self._repeats: dict[str, RepeatState] = {}
-        # request hashes seen once lately -> did that call fail (retry_storm)
-        self._seen_cur: dict[str, bool] = {}
-        self._seen_prev: dict[str, bool] = {}
+        # request hashes seen once lately, by whom, and did that call fail
+        # (retry_storm): see _seen_get
+        self._seen_cur: dict[str, Any] = {}
+        self._seen_prev: dict[str, Any] = {}
         self._seen_rotate = -INF
         self._runaway_ts: dict[str, list[float]] = {}
         self._book = EpisodeBook(ec.update_interval_s, ec.update_growth)
@@ -127,7 +158,7 @@ class Engine:
         cost = event.cost or 0.0
 
         # -- per-minute totals (token_spike, cost_spike, rate rules)
-        if ts // 60 > cs.minute:
+        if ts // 60 > cs.m:  # the consumer's current minute
             self._close_minutes(cs, int(ts // 60), ts, out)
         cs.m_tok += tokens
         cs.m_cost += cost
@@ -148,10 +179,17 @@ class Engine:
                 self._seen_rotate = ts + self.config.engine.repeat_horizon_s / 2.0
             k = cs.key + "\x1f" + rh
             rs = self._repeats.get(k)
-            if rs is not None or k in self._seen_cur or k in self._seen_prev:
-                repeat_fail = self._repeat(cs, event, rh, k, rs, ts, failed, out)
+            if rs is None:
+                first_failed = _seen_get(self._seen_cur, rh, cs.key)
+                if first_failed is None:
+                    first_failed = _seen_get(self._seen_prev, rh, cs.key)
+                if first_failed is None:
+                    _seen_put(self._seen_cur, rh, cs.key, failed)  # first sighting
+                else:
+                    repeat_fail = self._repeat(cs, event, rh, k, rs, ts, failed, out,
+                                               first_failed)
             else:
-                self._seen_cur[k] = failed  # first sighting
+                repeat_fail = self._repeat(cs, event, rh, k, rs, ts, failed, out)
 
         # -- decayed call / failure counts (failure_spike, retry_storm rate rule)
         fc = cfg.failure_spike
@@ -280,8 +318,8 @@ class Engine:
             "tenant": cs.tenant,
             "first_seen": _iso(cs.first_ts),
             "last_seen": _iso(cs.last_ts),
-            "tokens_per_minute": {"mean": round(cs.tok.mean, 1), "sd": round(cs.tok.sd(), 1),
-                                  "minutes": cs.tok.n},
+            "tokens_per_minute": {"mean": round(cs.tok_mean, 1), "sd": round(cs.tok_sd(), 1),
+                                  "minutes": cs.tok_n},
             "calls_per_minute": {"mean": round(cs.cpm_mean, 3),
                                  "sd": round(ew_sd(cs.cpm_var), 3)},
             "failure_rate": None if fail_rate is None else round(fail_rate, 5),
@@ -364,7 +402,7 @@ class Engine:
         token series) are updated.  Nothing learns while an episode of its kind
         is open (after two hours the new level is accepted)."""
         tc = cs.cfg.token_spike
-        gap = m - cs.minute - 1
+        gap = m - cs.m - 1
         x_tok, x_calls = cs.m_tok, cs.m_calls
         learn_t, learn_c = self._spike_learn(cs, ts)
         vol = cs
@@ -374,17 +412,16 @@ class Engine:
             thr_t, thr_c = self._sustained(cs, ts, st, sc, n5, out)
         vol.advance5(m, st, sc, learn_t, learn_c, 1.0 - self._alpha(tc.max_halflife_min),
                      thr_t, thr_c)
-        tok = cs.tok
         ca = self._alpha(tc.halflife_min)
         if learn_t:
-            tok.update(x_tok)
+            cs.tok_update(x_tok)
             # calls per minute: EW mean / variance (the recursion of baselines.EW)
             d = x_calls - cs.cpm_mean
             inc = ca * d
             cs.cpm_mean += inc
             cs.cpm_var = (1.0 - ca) * (cs.cpm_var + d * inc)
         if gap > 0:
-            tok.fill_zeros(gap)
+            cs.tok_fill_zeros(gap)
             mean, var = cs.cpm_mean, cs.cpm_var
             for _ in range(min(gap, 240)):
                 d = 0.0 - mean
@@ -392,7 +429,6 @@ class Engine:
                 mean += inc
                 var = (1.0 - ca) * (var + d * inc)
             cs.cpm_mean, cs.cpm_var = mean, var
-        cs.minute = m
         cs.m_tok = 0
         cs.m_cost = 0.0
         cs.m_calls = 0
@@ -634,7 +670,7 @@ class Engine:
         rate_now = cs.ns * 60.0 / fc.short_tau_s
         cpm_mean = cs.cpm_mean
         cpm_sd = ew_sd(cs.cpm_var)
-        warm_rate = cs.tok.n >= rc.warmup_min
+        warm_rate = cs.tok_n >= rc.warmup_min
         rate_thr = max(rc.rate_min_calls, rc.rate_ratio * cpm_mean + rc.rate_z * cpm_sd)
         fail_share = cs.fs / cs.ns
         w = cs.fwin
@@ -797,10 +833,12 @@ class Engine:
 
     # ------------------------------------------------------------ repeats
     def _repeat(self, cs: ConsumerState, event: UsageEvent, rh: str, k: str,
-                rs: RepeatState | None, ts: float, failed: bool, out: list[Finding]) -> bool:
+                rs: RepeatState | None, ts: float, failed: bool, out: list[Finding],
+                first_failed: bool = False) -> bool:
         """Track a request_hash seen before (``k``: its key, ``rs``: its
-        tracker if it has one; ``observe`` records first sightings); return
-        True when this call repeats a failing request.
+        tracker if it has one, else ``first_failed``: did its first sighting
+        fail; ``observe`` records first sightings); return True when this
+        call repeats a failing request.
 
         retry_storm (hash rule, see :meth:`_storm_check`): the last attempts
         of a repeating request_hash are kept in a tiny ring (created at its
@@ -817,9 +855,6 @@ class Engine:
         """
         rc = cs.cfg.retry_storm
         if rs is None:
-            first_failed = self._seen_cur.get(k)
-            if first_failed is None:
-                first_failed = self._seen_prev[k]
             rs = self._repeats[k] = RepeatState(cs.key, rh, ts, event.model,
                                                 (event.user, event.session_id))
             if first_failed:

@@ -13,7 +13,16 @@ import math
 from array import array
 from typing import Any
 
-from .baselines import LogBaseline, MinuteSeries
+from river import stats
+
+from .baselines import (
+    LogBaseline,
+    MinuteSeries,
+    alpha_for_halflife,
+    minute_fill_zeros,
+    minute_sd,
+    minute_update,
+)
 from .config import Settings
 from .reliability import FailWindow, HashWindow
 from .volume import VSIZE, Volume
@@ -22,9 +31,9 @@ INF = float("inf")
 
 # the consumer's float figures, after the Volume's in its array (a float
 # object per figure would cost three times as much)
-(FIRST_TS, LAST_TS, M_COST, CPM_MEAN, CPM_VAR, NS, FS, NL, FL, F_BASE,
- N_BASE) = range(VSIZE, VSIZE + 11)
-CSIZE = VSIZE + 11
+(FIRST_TS, LAST_TS, M_TOK, M_COST, CPM_MEAN, CPM_VAR, NS, FS, NL, FL, F_BASE, N_BASE,
+ TOK_MEAN) = range(VSIZE, VSIZE + 13)
+CSIZE = VSIZE + 13
 
 
 class _Field:
@@ -53,21 +62,20 @@ class ConsumerState(Volume):
         "fwin",
         "key",
         "m_calls",
-        "m_tok",
         "mb1",
-        "minute",
         "model1",
         "models",
         "run_calls",
         "run_tok",
-        "runs",
         "tenant",
-        "tok",
+        "tok_n",
+        "tok_v",
     )
 
     first_ts = _Field(FIRST_TS)
     last_ts = _Field(LAST_TS)  # also the time the decayed failure counts refer to
-    m_cost = _Field(M_COST)  # current minute's cost
+    m_tok = _Field(M_TOK)  # current minute's tokens (whole numbers) and cost
+    m_cost = _Field(M_COST)
     cpm_mean = _Field(CPM_MEAN)  # calls / minute: EW mean and variance (see baselines.EW)
     cpm_var = _Field(CPM_VAR)
     # failures: decayed counts (short and long window) and a slow baseline (EW
@@ -78,6 +86,7 @@ class ConsumerState(Volume):
     fl = _Field(FL)
     f_base = _Field(F_BASE)
     n_base = _Field(N_BASE)
+    tok_mean = _Field(TOK_MEAN)  # tokens / minute, EW mean (the variance: river, tok_v)
 
     def __init__(self, key: str, tenant: str, cfg: Settings, ts: float,
                  tok_alpha: float | None = None) -> None:
@@ -88,11 +97,11 @@ class ConsumerState(Volume):
         self.cfg = cfg
         a = self.a
         a[FIRST_TS] = a[LAST_TS] = ts
-        self.minute = int(ts // 60)
-        self.m_tok = 0  # current minute's totals (cost: in the array)
         self.m_calls = 0
-        # tokens / minute (river)
-        self.tok = MinuteSeries(cfg.token_spike.halflife_min, tok_alpha)
+        # tokens / minute: a MinuteSeries kept in place (river EWVar, mean in the array)
+        a_ = alpha_for_halflife(cfg.token_spike.halflife_min) if tok_alpha is None else tok_alpha
+        self.tok_v = stats.EWVar(fading_factor=a_)
+        self.tok_n = 0
         self.calls = 0
         self.fwin: FailWindow | None = None  # last failures (failure_spike), lazily
         # call-size baselines per model: the first model inline, others in a dict
@@ -100,9 +109,21 @@ class ConsumerState(Volume):
         self.mb1: ModelCallBaseline | None = None
         self.models: dict[str, ModelCallBaseline] | None = None
         # agent runs: EW of log(calls) and log(tokens) per completed run (from the first)
-        self.runs = 0
         self.run_calls: LogBaseline | None = None
         self.run_tok: LogBaseline | None = None
+
+    def tok_update(self, x: float) -> None:
+        """:meth:`MinuteSeries.update` of the tokens / minute series."""
+        self.a[TOK_MEAN] = minute_update(self.tok_v, self.tok_n, self.a[TOK_MEAN], x)
+        self.tok_n += 1
+
+    def tok_fill_zeros(self, k: int) -> None:
+        k = min(k, MinuteSeries.MAX_FILL)
+        self.a[TOK_MEAN] = minute_fill_zeros(self.tok_v, self.tok_n, self.a[TOK_MEAN], k)
+        self.tok_n += max(k, 0)
+
+    def tok_sd(self) -> float:
+        return minute_sd(self.tok_v)
 
     def model_baseline(self, model: str) -> ModelCallBaseline:
         """The (consumer, model) call-size baseline, created on first use."""
@@ -139,7 +160,16 @@ class ConsumerState(Volume):
             self.run_tok = LogBaseline()
         self.run_calls.update(calls, 0.05, 0.995)
         self.run_tok.update(tokens, 0.05, 0.995)  # type: ignore[union-attr]
-        self.runs += 1
+
+    @property
+    def runs(self) -> int:
+        """Completed normal runs (that taught the run-length baselines)."""
+        return 0 if self.run_calls is None else self.run_calls.n
+
+    @property
+    def minute(self) -> int:
+        """The current minute (the 5 min ring's)."""
+        return self.m
 
 
 # ModelCallBaseline layout: two LogBaseline-like records (log mean, log
