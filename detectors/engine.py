@@ -38,8 +38,18 @@ from .episodes import EpisodeBook
 from .finding import Finding
 from .reliability import CLIENT, FailWindow, HashWindow, failure_class
 from .state import (
+    F_BASE,
+    FL,
+    FS,
+    HAS_R,
     INF,
+    LAST_TS,
     LAT,
+    M_COST,
+    M_TOK,
+    N_BASE,
+    NL,
+    NS,
     RMAX,
     THINK,
     ConsumerState,
@@ -49,7 +59,20 @@ from .state import (
     RepeatState,
     RunState,
 )
-from .volume import BUCKET_S, NB
+from .volume import (
+    BUCKET_S,
+    NB,
+    NF,
+    V_THR_C,
+    V_THR_T,
+    V_TOT1,
+    V_TOT5,
+    V_W1,
+    V_W5,
+    V_WC,
+    V_WN,
+    V_WT,
+)
 
 SNAPSHOT_VERSION = 2  # 2: ConsumerState is its Volume; lean per-consumer records
 TICK_S = 15.0
@@ -160,14 +183,16 @@ class Engine:
         # -- per-minute totals (token_spike, cost_spike, rate rules)
         if ts // 60 > cs.m:  # the consumer's current minute
             self._close_minutes(cs, int(ts // 60), ts, out)
-        cs.m_tok += tokens
-        cs.m_cost += cost
+        a = cs.a  # the consumer's float figures (see detectors.state)
+        a[M_TOK] += tokens
+        if cost:  # adding 0.0 changes nothing
+            a[M_COST] += cost
         cs.m_calls += 1
         cs.calls += 1
         # seconds since the consumer's latest call (the decayed counts refer to it)
-        dt = ts - cs.last_ts
+        dt = ts - a[LAST_TS]
         if dt > 0:
-            cs.last_ts = ts
+            a[LAST_TS] = ts
 
         # -- request-hash repeats (retry_storm, cache_opportunity)
         rh = event.request_hash
@@ -180,12 +205,17 @@ class Engine:
             k = cs.key + "\x1f" + rh
             rs = self._repeats.get(k)
             if rs is None:
-                first_failed = _seen_get(self._seen_cur, rh, cs.key)
-                if first_failed is None:
-                    first_failed = _seen_get(self._seen_prev, rh, cs.key)
-                if first_failed is None:
-                    _seen_put(self._seen_cur, rh, cs.key, failed)  # first sighting
+                seen = self._seen_cur
+                if rh not in seen and rh not in self._seen_prev:
+                    seen[rh] = (cs.key,) if failed else cs.key  # first sighting (_seen_put)
+                    first_failed = None
                 else:
+                    first_failed = _seen_get(seen, rh, cs.key)
+                    if first_failed is None:
+                        first_failed = _seen_get(self._seen_prev, rh, cs.key)
+                    if first_failed is None:
+                        _seen_put(seen, rh, cs.key, failed)  # first sighting of this consumer
+                if first_failed is not None:
                     repeat_fail = self._repeat(cs, event, rh, k, rs, ts, failed, out,
                                                first_failed)
             else:
@@ -196,15 +226,17 @@ class Engine:
         if dt > 0:
             ds = math.exp(-dt / fc.short_tau_s)
             dl = math.exp(-dt / fc.long_tau_s)
-            cs.ns = cs.ns * ds + 1.0
-            cs.nl = cs.nl * dl + 1.0
-            if cs.fs:  # 0 stays 0
-                cs.fs *= ds
-            if cs.fl:
-                cs.fl *= dl
+            a[NS] = a[NS] * ds + 1.0
+            a[NL] = a[NL] * dl + 1.0
+            x = a[FS]
+            if x:  # 0 stays 0
+                a[FS] = x * ds
+                a[FL] *= dl
+            elif a[FL]:
+                a[FL] *= dl
         else:
-            cs.ns += 1.0
-            cs.nl += 1.0
+            a[NS] += 1.0
+            a[NL] += 1.0
         model = event.model
         ms = self._models.get(model)
         if ms is None:
@@ -221,24 +253,55 @@ class Engine:
         if failed:
             self._model_failed(ms, cs.key, event, ts, out)
             if not repeat_fail:
-                cs.fs += 1.0
-                cs.fl += 1.0
+                a[FS] += 1.0
+                a[FL] += 1.0
             self._rule_failures(cs, ms, event, ts, out, repeat_fail)
         # failure baseline (calls that belong to an open failure episode do not teach it)
-        fs = cs.fs
-        if (fs < fc.min_failures or fs < 2.0 * cs.ns * (cs.f_base + 1.0) / (
-                cs.n_base + 50.0)) and not (
+        fs = a[FS]
+        if (fs < fc.min_failures or fs < 2.0 * a[NS] * (a[F_BASE] + 1.0) / (
+                a[N_BASE] + 50.0)) and not (
                 cs.key in self._book.subjects and self._failure_open(cs)):
             keep = 1.0 - 1.0 / fc.baseline_halflife_calls
-            cs.n_base = cs.n_base * keep + 1.0
+            a[N_BASE] = a[N_BASE] * keep + 1.0
             if failed and not repeat_fail:
-                cs.f_base = cs.f_base * keep + 1.0
-            elif cs.f_base:  # 0 stays 0
-                cs.f_base = cs.f_base * keep
+                a[F_BASE] = a[F_BASE] * keep + 1.0
+            else:
+                x = a[F_BASE]
+                if x:  # 0 stays 0
+                    a[F_BASE] = x * keep
 
-        # -- call size (runaway_reasoning)
-        if not failed and (out_tokens or event.latency_ms):
-            self._rule_runaway(cs, ms, event, ts, out)
+        # -- call size (runaway_reasoning); the common case (no rule can fire,
+        # the call only teaches the baselines) is written out here
+        lat_ms = event.latency_ms
+        if not failed and (out_tokens or lat_ms):
+            if model == cs.model1:
+                b: ModelCallBaseline = cs.mb1  # type: ignore[assignment]
+            else:
+                b = cs.model_baseline(model)
+            rsn = event.reasoning_tokens
+            if rsn > 0:
+                b[HAS_R] = 1.0
+                ms.size[HAS_R] = 1.0
+            think = float(rsn if b[HAS_R] else out_tokens)
+            lat = (lat_ms or 0.0) / 1000.0
+            rcfg = cfg.runaway_reasoning
+            if rcfg.enabled:
+                # every rule needs min_tokens of thinking, or max_think_tokens,
+                # or the reasoning budget hit
+                if (think < rcfg.min_tokens and think < rcfg.max_think_tokens
+                        and (rsn < rcfg.length_min_reasoning
+                             or event.finish_reason != "length")):
+                    if b[THINK + N] >= 200 and cs.calls % LEARN_SAMPLE:
+                        # a settled baseline learns its mean/variance from one
+                        # call in LEARN_SAMPLE; the recent maximum sees every call
+                        r = b[THINK + RMAX] * 0.998
+                        b[THINK + RMAX] = think if think > r else r
+                        r = b[LAT + RMAX] * 0.998
+                        b[LAT + RMAX] = lat if lat > r else r
+                    else:
+                        self._learn_call_size(cs, ms, b, think, lat)
+                else:
+                    self._rule_runaway(cs, ms, event, ts, out, b, think, lat)
 
         # -- runs and sessions (agent_loop, context_bloat)
         tid = event.trace_id
@@ -254,8 +317,45 @@ class Engine:
         # -- token / cost rate on the sliding 60 s window (token_spike, cost_spike)
         if ts // BUCKET_S > cs.b:
             self._roll_volume(cs, int(ts // BUCKET_S), ts)
-        # calls of one run (trace, else session) count as one independent request
-        if cs.add(tokens, cost, src, cs.b % NB, indep):
+        # Volume.add written out: count the call in the current bucket; calls
+        # of one run (trace, else session) count as one independent request
+        i = (cs.b % NB) * NF
+        a[i] += tokens
+        if indep:
+            a[i + 2] += 1.0
+            a[V_WN] += 1.0
+        if tokens > a[i + 3]:
+            a[i + 3] = tokens
+        wt = a[V_WT] + tokens
+        a[V_WT] = wt
+        if cost:
+            a[i + 1] += cost
+            if cost > a[i + 4]:
+                a[i + 4] = cost
+            wc = a[V_WC] + cost
+            a[V_WC] = wc
+        else:
+            wc = a[V_WC]
+        x = tokens + 1.0
+        w = a[V_W1]  # heavy hitters (weighted Misra-Gries, see Volume.add)
+        if src == cs.src1:
+            a[V_W1] = w + x
+        elif w >= x:
+            a[V_W1] = w - x
+        else:
+            cs.src1 = src
+            a[V_W1] = x - w
+        a[V_TOT1] += x
+        w = a[V_W5]
+        if src == cs.src5:
+            a[V_W5] = w + x
+        elif w >= x:
+            a[V_W5] = w - x
+        else:
+            cs.src5 = src
+            a[V_W5] = x - w
+        a[V_TOT5] += x
+        if wt >= a[V_THR_T] or wc >= a[V_THR_C]:
             self._check_volume(cs, ts, event, out)
         return out
 
@@ -951,7 +1051,8 @@ class Engine:
 
     # ------------------------------------------------------------ runaway
     def _rule_runaway(self, cs: ConsumerState, ms: ModelState, event: UsageEvent, ts: float,
-                      out: list[Finding]) -> None:
+                      out: list[Finding], b: ModelCallBaseline, think: float, lat: float
+                      ) -> None:
         """runaway_reasoning: one call whose thinking (reasoning tokens, or
         output tokens for a model that reports none) or duration is extreme:
 
@@ -973,28 +1074,14 @@ class Engine:
         ``repeat_count`` runaway calls within ``repeat_window_s`` escalate the
         consumer's episode to critical / block (an attack on a reasoning model).
         Runaway calls never teach the baselines.
+
+        ``observe`` has found the call's baseline ``b``, its thinking and
+        duration, and handles calls no rule can catch (they only learn).
         """
         rcfg = cs.cfg.runaway_reasoning
         model = event.model
-        if model == cs.model1:
-            b: ModelCallBaseline = cs.mb1  # type: ignore[assignment]
-        else:
-            b = cs.model_baseline(model)
         rsn = event.reasoning_tokens
-        if rsn > 0:
-            b.has_reasoning = True
-            ms.size.has_reasoning = True
-        think = float(rsn if b.has_reasoning else event.output_tokens)
-        lat = (event.latency_ms or 0.0) / 1000.0
-        if not rcfg.enabled:
-            return
         rule = None
-        # every rule needs min_tokens of thinking, or max_think_tokens, or the
-        # reasoning budget hit: most calls are below all three and only learn
-        if (think < rcfg.min_tokens and think < rcfg.max_think_tokens
-                and (rsn < rcfg.length_min_reasoning or event.finish_reason != "length")):
-            self._learn_call_size(cs, ms, b, think, lat)
-            return
         # before the (consumer, model) baseline is warm, a reasoning model's
         # model-wide baseline stands in (output sizes of plain models vary too
         # much between consumers for that)

@@ -178,7 +178,7 @@ THINK = 0  # reasoning tokens (or output tokens without reasoning)
 LAT = 4  # seconds
 RMAX = 2  # offset of the recent maximum in a record
 N = 3  # offset of the count
-_HAS_R = 8
+HAS_R = 8  # 1.0 once the model reported reasoning tokens
 _MCB_ZEROS = array("d", (0.0,)) * 9
 
 
@@ -203,11 +203,11 @@ class ModelCallBaseline(array):
 
     @property
     def has_reasoning(self) -> bool:
-        return self[_HAS_R] != 0.0
+        return self[HAS_R] != 0.0
 
     @has_reasoning.setter
     def has_reasoning(self, v: bool) -> None:
-        self[_HAS_R] = 1.0 if v else 0.0
+        self[HAS_R] = 1.0 if v else 0.0
 
     def update(self, o: int, x: float, a: float, decay: float) -> None:
         """:meth:`LogBaseline.update` of the record at ``o``."""

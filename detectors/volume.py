@@ -63,6 +63,9 @@ _P_END = _MEAN_T + 14
 # heavy-hitter weights and decayed totals (60 s, 5 min)
 _WT, _WC, _WN, _THR_T, _THR_C, _THR_CF, _W1, _TOT1, _W5, _TOT5 = range(_P_END, _P_END + 10)
 VSIZE = _P_END + 10  # the Volume's part of the array (a subclass may append fields)
+# for code that writes Volume.add out (the engine)
+V_WT, V_WC, V_WN, V_THR_T, V_THR_C = _WT, _WC, _WN, _THR_T, _THR_C
+V_W1, V_TOT1, V_W5, V_TOT5 = _W1, _TOT1, _W5, _TOT5
 DOM_SHARE = 0.3  # a source with at least this share of the decayed window (lower bound) dominates
 D1 = 0.5 ** (BUCKET_S / 30.0)  # 60 s tracker: weights halve in 30 s
 D5 = 0.5 ** (60.0 / 150.0)  # 5 min tracker: weights halve in 150 s (decayed per minute)
