@@ -4,7 +4,11 @@
 
 us/event: ``Engine.observe`` (plus ``advance`` every 500 events) over
 realistic simulated traffic (``ingest.simulator``), events validated and
-priced beforehand; the median of ``--runs`` runs.
+priced beforehand; the median of ``--runs`` runs.  ``--gc-freeze`` adds the
+same figure with the loaded events moved out of the cyclic GC's reach
+(``gc.freeze()``): the bench keeps all events alive, which makes every full
+collection walk them; a service holds only the detector state (and could
+freeze what it loads at start-up).
 bytes/consumer: ``--big`` consumers, each sending a few calls over a few
 minutes (so every per-consumer structure exists: minute baselines, per-model
 call sizes, failure counters); measured as RSS growth (includes river's Rust
@@ -33,7 +37,8 @@ def rss() -> int:
         return int(f.read().split()[1]) * 4096
 
 
-def per_event(hours: float, consumers: int, runs: int) -> tuple[float, int]:
+def per_event(hours: float, consumers: int, runs: int, freeze: bool = False
+              ) -> tuple[float, int]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from evaluate_detectors import load
     evs, _, _ = load("sim", 1, hours, consumers, cache=True)
@@ -41,6 +46,8 @@ def per_event(hours: float, consumers: int, runs: int) -> tuple[float, int]:
     for _ in range(runs):
         eng = Engine()
         gc.collect()
+        if freeze:
+            gc.freeze()
         t0 = time.perf_counter()
         mx = evs[0].ts
         for i, ev in enumerate(evs):
@@ -50,6 +57,8 @@ def per_event(hours: float, consumers: int, runs: int) -> tuple[float, int]:
             if i % 500 == 499:
                 eng.advance(mx)
         times.append((time.perf_counter() - t0) / len(evs) * 1e6)
+        if freeze:
+            gc.unfreeze()
     return statistics.median(times), len(evs)
 
 
@@ -92,10 +101,16 @@ def main() -> int:
     ap.add_argument("--consumers", type=int, default=300)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--big", type=int, default=100_000)
+    ap.add_argument("--gc-freeze", action="store_true",
+                    help="also time with the loaded events frozen out of the cyclic GC")
     a = ap.parse_args()
     us, n = per_event(a.hours, a.consumers, a.runs)
     print(f"detectors: {us:.2f} us/event (median of {a.runs} runs over {n} simulated events, "
           f"{a.consumers} consumers, {a.hours} h)")
+    if a.gc_freeze:
+        us, n = per_event(a.hours, a.consumers, a.runs, freeze=True)
+        print(f"detectors: {us:.2f} us/event with the loaded events frozen out of the GC "
+              f"(gc.freeze)")
     r, t, s = per_consumer(a.big)
     print(f"state at {a.big} consumers: {r:.0f} bytes/consumer (RSS growth), "
           f"{t:.0f} (tracemalloc, Python objects only), {s:.0f} (snapshot)")

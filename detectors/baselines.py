@@ -39,36 +39,58 @@ def alpha_for_halflife(halflife: float) -> float:
 
 
 class MinuteSeries:
-    """EW mean and variance of a per-minute total (river EWMean + EWVar)."""
+    """EW mean and variance of a per-minute total: river's ``EWVar`` for the
+    variance; the mean is river's ``EWMean`` recursion (the first value, then
+    ``a x + (1 - a) mean``) in a float, one river object per series instead
+    of two."""
 
-    __slots__ = ("_m", "_v", "mean", "n")
+    __slots__ = ("_v", "mean", "n")
 
     MAX_FILL = 240  # empty minutes fed one by one; beyond this the weight is negligible
 
-    def __init__(self, halflife_min: float = 60.0) -> None:
-        a = alpha_for_halflife(halflife_min)
-        self._m = stats.EWMean(fading_factor=a)
+    def __init__(self, halflife_min: float = 60.0, alpha: float | None = None) -> None:
+        a = alpha_for_halflife(halflife_min) if alpha is None else alpha
         self._v = stats.EWVar(fading_factor=a)
         self.mean = 0.0
         self.n = 0
 
     def update(self, x: float) -> None:
-        self._m.update(x)
-        self._v.update(x)
-        self.mean = self._m.get()
+        self.mean = minute_update(self._v, self.n, self.mean, x)
         self.n += 1
 
     def fill_zeros(self, k: int) -> None:
         k = min(k, self.MAX_FILL)
-        m, v = self._m, self._v
-        for _ in range(k):
-            m.update(0.0)
-            v.update(0.0)
-        self.mean = m.get()
-        self.n += k
+        self.mean = minute_fill_zeros(self._v, self.n, self.mean, k)
+        self.n += max(k, 0)
 
     def sd(self) -> float:
-        return math.sqrt(max(self._v.get(), 0.0))
+        return minute_sd(self._v)
+
+
+def minute_update(v: stats.EWVar, n: int, mean: float, x: float) -> float:
+    """Feed ``x`` to river's EWVar ``v`` (``n`` values so far); return the new
+    EW mean (river EWMean's recursion: the first value, then a x + (1 - a) m)."""
+    v.update(x)
+    if n:
+        a = v.fading_factor
+        return a * x + (1.0 - a) * mean
+    return x
+
+
+def minute_fill_zeros(v: stats.EWVar, n: int, mean: float, k: int) -> float:
+    """:func:`minute_update` with ``k`` zeros (k <= MAX_FILL)."""
+    if k <= 0:
+        return mean
+    a = v.fading_factor
+    m = mean if n else 0.0
+    for _ in range(k):
+        v.update(0.0)
+        m = a * 0.0 + (1.0 - a) * m
+    return m
+
+
+def minute_sd(v: stats.EWVar) -> float:
+    return math.sqrt(max(v.get(), 0.0))
 
 
 class EW:
@@ -92,6 +114,11 @@ class EW:
 
     def sd(self) -> float:
         return math.sqrt(self.var) if self.var > 0 else 0.0
+
+
+def ew_sd(var: float) -> float:
+    """:meth:`EW.sd` of an EW kept as two floats elsewhere."""
+    return math.sqrt(var) if var > 0 else 0.0
 
 
 class LogBaseline:

@@ -32,21 +32,89 @@ from typing import Any
 
 from ingest.event import UsageEvent
 
-from .baselines import LN10, alpha_for_halflife, binom_surprise
+from .baselines import LN10, LogBaseline, alpha_for_halflife, binom_surprise, ew_sd
 from .config import DetectorConfig, Settings
 from .episodes import EpisodeBook
 from .finding import Finding
 from .reliability import CLIENT, FailWindow, HashWindow, failure_class
-from .state import INF, ConsumerState, ModelCallBaseline, ModelState, RepeatState, RunState
-from .volume import BUCKET_S, NB
+from .state import (
+    F_BASE,
+    FL,
+    FS,
+    HAS_R,
+    INF,
+    LAST_TS,
+    LAT,
+    M_COST,
+    M_FAIL,
+    M_TOK,
+    N_BASE,
+    NL,
+    NS,
+    RMAX,
+    SZ,
+    THINK,
+    ConsumerState,
+    ModelCallBaseline,
+    ModelState,
+    N,
+    RepeatState,
+    RunState,
+)
+from .volume import (
+    BUCKET_S,
+    NB,
+    NF,
+    V_THR_C,
+    V_THR_T,
+    V_TOT1,
+    V_TOT5,
+    V_W1,
+    V_W5,
+    V_WC,
+    V_WN,
+    V_WT,
+)
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2  # 2: ConsumerState is its Volume; lean per-consumer records
 TICK_S = 15.0
 SWEEP_S = 60.0
 EVICT_SWEEP_S = 600.0
 LEARN_SAMPLE = 4  # settled (consumer, model) call-size baselines learn from 1 call in 4
 MODEL_SAMPLE = 4  # model-wide call-size baselines learn from one call in this many
 PRIOR_RUN_HI = 30.0  # calls in a long normal agent run (tau-bench: 0-27 tool calls)
+_NOT_SNAPSHOT = frozenset(("config", "_model_half"))  # the config and values derived from it
+_NO_RUNS = LogBaseline()  # the run-length baseline of a consumer without completed runs
+
+
+def _seen_get(seen: dict[str, Any], rh: str, consumer: str) -> bool | None:
+    """Was request hash ``rh`` of ``consumer`` seen in this generation, and
+    did that call fail (None: not seen)?  The table is keyed by the hash, the
+    value is the consumer's key (a success), a 1-tuple of it (a failure), or
+    for a hash sent by several consumers a dict consumer -> failed; the keys
+    are the events' own strings (no per-event key string is built or kept)."""
+    v = seen.get(rh)
+    if v is None:
+        return None
+    if v.__class__ is str:
+        return False if v == consumer else None
+    if v.__class__ is tuple:
+        return True if v[0] == consumer else None
+    r: bool | None = v.get(consumer)
+    return r
+
+
+def _seen_put(seen: dict[str, Any], rh: str, consumer: str, failed: bool) -> None:
+    """Record a first sighting (see :func:`_seen_get`)."""
+    v = seen.get(rh)
+    if v is None:
+        seen[rh] = (consumer,) if failed else consumer
+    elif v.__class__ is dict:
+        v[consumer] = failed
+    elif v.__class__ is str:
+        seen[rh] = {v: False, consumer: failed}
+    else:
+        seen[rh] = {v[0]: True, consumer: failed}
 
 
 def _iso(ts: float) -> str:
@@ -74,9 +142,10 @@ class Engine:
         self._models: dict[str, ModelState] = {}
         self._runs: dict[str, RunState] = {}
         self._repeats: dict[str, RepeatState] = {}
-        # request hashes seen once lately -> did that call fail (retry_storm)
-        self._seen_cur: dict[str, bool] = {}
-        self._seen_prev: dict[str, bool] = {}
+        # request hashes seen once lately, by whom, and did that call fail
+        # (retry_storm): see _seen_get
+        self._seen_cur: dict[str, Any] = {}
+        self._seen_prev: dict[str, Any] = {}
         self._seen_rotate = -INF
         self._runaway_ts: dict[str, list[float]] = {}
         self._book = EpisodeBook(ec.update_interval_s, ec.update_growth)
@@ -84,101 +153,219 @@ class Engine:
         self._next_sweep = -INF
         self._next_evict = -INF
         self._alphas: dict[float, float] = {}
+        self._cache_config()
+
+    def _cache_config(self) -> None:
+        """Values derived from the config, kept out of snapshots."""
+        fc = self.config.settings.failure_spike
+        self._model_half = fc.model_window_s / 2.0
 
     # ------------------------------------------------------------------ API
     def observe(self, event: UsageEvent) -> list[Finding]:
         """Process one event; return new, updated and resolved findings."""
+        # The common case (a successful call of a known consumer, nothing
+        # near a threshold) is written out here with the fewest attribute
+        # reads; the rules themselves live in the ``_rule_*`` methods.
         ts = event.ts.timestamp()
         out: list[Finding] = []
         if ts > self._now:
             self._now = ts
             if ts >= self._next_tick:
                 out.extend(self._tick(ts))
-        consumer = event.consumer
-        cs = self._consumers.get(consumer)
+        cs = self._consumers.get(event.consumer)
         if cs is None:
             cs = self._new_consumer(event, ts)
         cfg = cs.cfg
         status = event.status
         failed = status == 0 or status >= 400 or event.finish_reason == "error"
-        tokens = event.input_tokens + event.output_tokens
+        out_tokens = event.output_tokens
+        tokens = event.input_tokens + out_tokens
         cost = event.cost or 0.0
 
         # -- per-minute totals (token_spike, cost_spike, rate rules)
-        m = int(ts // 60)
-        if m > cs.minute:
-            self._close_minutes(cs, m, ts, out)
-        cs.m_tok += tokens
-        cs.m_cost += cost
+        if ts // 60 > cs.m:  # the consumer's current minute
+            self._close_minutes(cs, int(ts // 60), ts, out)
+        a = cs.a  # the consumer's float figures (see detectors.state)
+        a[M_TOK] += tokens
+        if cost:  # adding 0.0 changes nothing
+            a[M_COST] += cost
         cs.m_calls += 1
         cs.calls += 1
-        if ts > cs.last_ts:
-            cs.last_ts = ts
+        # seconds since the consumer's latest call (the decayed counts refer to it)
+        dt = ts - a[LAST_TS]
+        if dt > 0:
+            a[LAST_TS] = ts
 
         # -- request-hash repeats (retry_storm, cache_opportunity)
         rh = event.request_hash
         repeat_fail = False
         if rh is not None:
-            repeat_fail = self._repeat(cs, event, rh, ts, failed, out)
+            if ts >= self._seen_rotate:
+                self._seen_prev = self._seen_cur
+                self._seen_cur = {}
+                self._seen_rotate = ts + self.config.engine.repeat_horizon_s / 2.0
+            k = cs.key + "\x1f" + rh
+            rs = self._repeats.get(k)
+            if rs is None:
+                seen = self._seen_cur
+                if rh not in seen and rh not in self._seen_prev:
+                    seen[rh] = (cs.key,) if failed else cs.key  # first sighting (_seen_put)
+                    first_failed = None
+                else:
+                    first_failed = _seen_get(seen, rh, cs.key)
+                    if first_failed is None:
+                        first_failed = _seen_get(self._seen_prev, rh, cs.key)
+                    if first_failed is None:
+                        _seen_put(seen, rh, cs.key, failed)  # first sighting of this consumer
+                if first_failed is not None:
+                    repeat_fail = self._repeat(cs, event, rh, k, rs, ts, failed, out,
+                                               first_failed)
+            else:
+                repeat_fail = self._repeat(cs, event, rh, k, rs, ts, failed, out)
 
         # -- decayed call / failure counts (failure_spike, retry_storm rate rule)
         fc = cfg.failure_spike
-        dt = ts - cs.t_fail
         if dt > 0:
             ds = math.exp(-dt / fc.short_tau_s)
             dl = math.exp(-dt / fc.long_tau_s)
-            cs.ns *= ds
-            cs.fs *= ds
-            cs.nl *= dl
-            cs.fl *= dl
-            cs.t_fail = ts
-        cs.ns += 1.0
-        cs.nl += 1.0
-        ms = self._models.get(event.model)
+            a[NS] = a[NS] * ds + 1.0
+            a[NL] = a[NL] * dl + 1.0
+            x = a[FS]
+            if x:  # 0 stays 0
+                a[FS] = x * ds
+                a[FL] *= dl
+            elif a[FL]:
+                a[FL] *= dl
+        else:
+            a[NS] += 1.0
+            a[NL] += 1.0
+        model = event.model
+        ms = self._models.get(model)
         if ms is None:
-            ms = self._models[event.model] = ModelState(ts)
-        self._model_calls(ms, event, ts, failed, out)
+            ms = self._models[model] = ModelState(ts)
+        # model-wide failure windows (failure_spike, scope model)
+        if ts >= ms.b_start + self._model_half:
+            self._model_roll(ms, model, ts)
+        if ts > ms.last_ts:
+            ms.last_ts = ts
+        ms.calls += 1
+        cur = ms.cur
+        cur[cs.key] = cur.get(cs.key, 0) + 1
+        ms.cur_n += 1.0
         if failed:
-            cs.last_fail_model = event.model
+            self._model_failed(ms, cs.key, event, ts, out)
             if not repeat_fail:
-                cs.fs += 1.0
-                cs.fl += 1.0
-                cs.m_fail += 1
+                a[FS] += 1.0
+                a[FL] += 1.0
+                a[M_FAIL] += 1.0
             self._rule_failures(cs, ms, event, ts, out, repeat_fail)
         # failure baseline (calls that belong to an open failure episode do not teach it)
-        if (cs.fs < fc.min_failures or cs.fs < 2.0 * cs.ns * (cs.f_base + 1.0) / (
-                cs.n_base + 50.0)) and not self._failure_open(cs):
-            a = 1.0 / fc.baseline_halflife_calls
-            cs.n_base = cs.n_base * (1.0 - a) + 1.0
-            cs.f_base = cs.f_base * (1.0 - a) + (1.0 if failed and not repeat_fail else 0.0)
+        fs = a[FS]
+        if (fs < fc.min_failures or fs < 2.0 * a[NS] * (a[F_BASE] + 1.0) / (
+                a[N_BASE] + 50.0)) and not (
+                cs.key in self._book.subjects and self._failure_open(cs)):
+            keep = 1.0 - 1.0 / fc.baseline_halflife_calls
+            a[N_BASE] = a[N_BASE] * keep + 1.0
+            if failed and not repeat_fail:
+                a[F_BASE] = a[F_BASE] * keep + 1.0
+            else:
+                x = a[F_BASE]
+                if x:  # 0 stays 0
+                    a[F_BASE] = x * keep
 
-        # -- call size (runaway_reasoning)
-        if not failed and (event.output_tokens or event.latency_ms):
-            self._rule_runaway(cs, ms, event, ts, out)
+        # -- call size (runaway_reasoning); the common case (no rule can fire,
+        # the call only teaches the baselines) is written out here
+        lat_ms = event.latency_ms
+        if not failed and (out_tokens or lat_ms):
+            if model == cs.model1:
+                b: ModelCallBaseline = cs.mb1  # type: ignore[assignment]
+            else:
+                b = cs.model_baseline(model)
+            rsn = event.reasoning_tokens
+            if rsn > 0:
+                b[HAS_R] = 1.0
+                ms.size[HAS_R] = 1.0
+            think = float(rsn if b[HAS_R] else out_tokens)
+            lat = (lat_ms or 0.0) / 1000.0
+            rcfg = cfg.runaway_reasoning
+            if rcfg.enabled:
+                # every rule needs min_tokens of thinking, or max_think_tokens,
+                # or the reasoning budget hit
+                if (think < rcfg.min_tokens and think < rcfg.max_think_tokens
+                        and (rsn < rcfg.length_min_reasoning
+                             or event.finish_reason != "length")):
+                    if b[THINK + N] >= 200 and cs.calls % LEARN_SAMPLE:
+                        # a settled baseline learns its mean/variance from one
+                        # call in LEARN_SAMPLE; the recent maximum sees every call
+                        r = b[THINK + RMAX] * 0.998
+                        b[THINK + RMAX] = think if think > r else r
+                        r = b[LAT + RMAX] * 0.998
+                        b[LAT + RMAX] = lat if lat > r else r
+                    else:
+                        self._learn_call_size(cs, ms, b, think, lat)
+                else:
+                    self._rule_runaway(cs, ms, event, ts, out, b, think, lat)
 
         # -- runs and sessions (agent_loop, context_bloat)
         tid = event.trace_id
         sid = event.session_id
         if tid is not None or sid is not None:
-            self._rule_runs(cs, event, ts, tokens, failed, tid, sid, out)
+            # only a run's first call is an independent request
+            indep = self._rule_runs(cs, event, ts, tokens, failed, tid, sid, out)
+            src = tid if tid is not None else sid
+        else:
+            src = rh if rh is not None else event.event_id
+            indep = True
 
         # -- size of independent calls (token_spike, call-size rule)
-        vol = cs.vol
-        indep = (tid is None and sid is None) or vol.new_run
         if indep and not failed:
             lx = math.log1p(event.input_tokens)
-            sz = cs.sz
-            sz[5] += lx
-            sz[6] += lx * lx
-            sz[7] += 1.0
+            a[SZ + 5] += lx
+            a[SZ + 6] += lx * lx
+            a[SZ + 7] += 1.0
 
         # -- token / cost rate on the sliding 60 s window (token_spike, cost_spike)
-        b = int(ts // BUCKET_S)
-        if b > vol.b:
-            self._roll_volume(cs, b, ts)
-        # calls of one run (trace, else session) count as one independent request
-        if vol.add(tokens, cost, tid if tid is not None else sid if sid is not None else
-                   rh if rh is not None else event.event_id, vol.b % NB, indep):
+        if ts // BUCKET_S > cs.b:
+            self._roll_volume(cs, int(ts // BUCKET_S), ts)
+        # Volume.add written out: count the call in the current bucket; calls
+        # of one run (trace, else session) count as one independent request
+        i = (cs.b % NB) * NF
+        a[i] += tokens
+        if indep:
+            a[i + 2] += 1.0
+            a[V_WN] += 1.0
+        if tokens > a[i + 3]:
+            a[i + 3] = tokens
+        wt = a[V_WT] + tokens
+        a[V_WT] = wt
+        if cost:
+            a[i + 1] += cost
+            if cost > a[i + 4]:
+                a[i + 4] = cost
+            wc = a[V_WC] + cost
+            a[V_WC] = wc
+        else:
+            wc = a[V_WC]
+        x = tokens + 1.0
+        w = a[V_W1]  # heavy hitters (weighted Misra-Gries, see Volume.add)
+        if src == cs.src1:
+            a[V_W1] = w + x
+        elif w >= x:
+            a[V_W1] = w - x
+        else:
+            cs.src1 = src
+            a[V_W1] = x - w
+        a[V_TOT1] += x
+        w = a[V_W5]
+        if src == cs.src5:
+            a[V_W5] = w + x
+        elif w >= x:
+            a[V_W5] = w - x
+        else:
+            cs.src5 = src
+            a[V_W5] = x - w
+        a[V_TOT5] += x
+        if wt >= a[V_THR_T] or wc >= a[V_THR_C]:
             self._check_volume(cs, ts, event, out)
         return out
 
@@ -191,7 +378,7 @@ class Engine:
 
     def snapshot(self) -> bytes:
         """The full state, as bytes (pickle; river is pinned)."""
-        state = {k: v for k, v in self.__dict__.items() if k != "config"}
+        state = {k: v for k, v in self.__dict__.items() if k not in _NOT_SNAPSHOT}
         return pickle.dumps((SNAPSHOT_VERSION, state), protocol=pickle.HIGHEST_PROTOCOL)
 
     @classmethod
@@ -212,6 +399,7 @@ class Engine:
             cs.cfg = s
         ec = eng.config.engine
         eng._book.interval_s, eng._book.growth = ec.update_interval_s, ec.update_growth
+        eng._cache_config()
         return eng
 
     def tracked_consumers(self) -> int:
@@ -227,12 +415,12 @@ class Engine:
         if cs is None:
             return None
         models = {}
-        for name, mb in cs.models.items():
+        for name, mb in cs.model_items():
             models[name] = {
-                "calls_seen": mb.think.n,
-                "typical_reasoning_or_output_tokens": round(math.expm1(mb.think.lmean), 1),
-                "recent_max_reasoning_or_output_tokens": round(mb.think.rmax, 1),
-                "typical_latency_s": round(math.expm1(mb.lat.lmean), 2),
+                "calls_seen": int(mb[THINK + N]),
+                "typical_reasoning_or_output_tokens": round(mb.geomean(THINK), 1),
+                "recent_max_reasoning_or_output_tokens": round(mb[THINK + RMAX], 1),
+                "typical_latency_s": round(mb.geomean(LAT), 2),
                 "reports_reasoning": mb.has_reasoning,
             }
         fail_rate = cs.f_base / cs.n_base if cs.n_base > 0 else None
@@ -240,9 +428,10 @@ class Engine:
             "tenant": cs.tenant,
             "first_seen": _iso(cs.first_ts),
             "last_seen": _iso(cs.last_ts),
-            "tokens_per_minute": {"mean": round(cs.tok.mean, 1), "sd": round(cs.tok.sd(), 1),
-                                  "minutes": cs.tok.n},
-            "calls_per_minute": {"mean": round(cs.cpm.mean, 3), "sd": round(cs.cpm.sd(), 3)},
+            "tokens_per_minute": {"mean": round(cs.tok_mean, 1), "sd": round(cs.tok_sd(), 1),
+                                  "minutes": cs.tok_n},
+            "calls_per_minute": {"mean": round(cs.cpm_mean, 3),
+                                 "sd": round(ew_sd(cs.cpm_var), 3)},
             "failure_rate": None if fail_rate is None else round(fail_rate, 5),
             "models": models,
             "open_findings": [f.finding_id for f in self.open_findings()
@@ -256,7 +445,8 @@ class Engine:
     # ------------------------------------------------------------ plumbing
     def _new_consumer(self, event: UsageEvent, ts: float) -> ConsumerState:
         cfg = self.config.settings_for(event.tenant, event.consumer)
-        cs = ConsumerState(event.consumer, event.tenant, cfg, ts)
+        cs = ConsumerState(event.consumer, event.tenant, cfg, ts,
+                           self._alpha(cfg.token_spike.halflife_min))
         self._consumers[event.consumer] = cs
         return cs
 
@@ -322,10 +512,10 @@ class Engine:
         token series) are updated.  Nothing learns while an episode of its kind
         is open (after two hours the new level is accepted)."""
         tc = cs.cfg.token_spike
-        gap = m - cs.minute - 1
+        gap = m - cs.m - 1
         x_tok, x_calls = cs.m_tok, cs.m_calls
         learn_t, learn_c = self._spike_learn(cs, ts)
-        vol = cs.vol
+        vol = cs
         st, sc, n5 = vol.window5(float(x_tok), cs.m_cost)
         thr_t = thr_c = INF
         if self._young(cs, ts) < INF:
@@ -333,27 +523,38 @@ class Engine:
         self._call_size(cs, ts, st, sc, n5, learn_t, gap, out)
         vol.advance5(m, st, sc, learn_t, learn_c, 1.0 - self._alpha(tc.max_halflife_min),
                      thr_t, thr_c)
-        tok = cs.tok
         ca = self._alpha(tc.halflife_min)
         if learn_t:
-            tok.update(x_tok)
+            cs.tok_update(x_tok)
         # a minute where most distinct requests failed does not teach the call
         # rate (a retry storm would raise the bar it is measured against)
-        if learn_t and (cs.m_fail < 3 or 2 * cs.m_fail < x_calls):
-            cs.cpm.update(x_calls, ca)
+        m_fail = cs.m_fail
+        if learn_t and (m_fail < 3 or 2 * m_fail < x_calls):
+            # calls per minute: EW mean / variance (the recursion of baselines.EW)
+            d = x_calls - cs.cpm_mean
+            inc = ca * d
+            cs.cpm_mean += inc
+            cs.cpm_var = (1.0 - ca) * (cs.cpm_var + d * inc)
         if gap > 0:
-            tok.fill_zeros(gap)
-            cs.cpm.fill_zeros(gap, ca)
-        cs.minute = m
+            cs.tok_fill_zeros(gap)
+            mean, var = cs.cpm_mean, cs.cpm_var
+            for _ in range(min(gap, 240)):
+                d = 0.0 - mean
+                inc = ca * d
+                mean += inc
+                var = (1.0 - ca) * (var + d * inc)
+            cs.cpm_mean, cs.cpm_var = mean, var
         cs.m_tok = 0
         cs.m_cost = 0.0
         cs.m_calls = 0
-        cs.m_fail = 0
+        cs.m_fail = 0.0
 
     def _spike_learn(self, cs: ConsumerState, ts: float) -> tuple[bool, bool]:
         """May the token (cost) baselines learn now?  Not while a token_spike
         (cost_spike) episode of the consumer is open, unless it is two hours
         old (then the new level is accepted)."""
+        if cs.key not in self._book.subjects:
+            return True, True
         op = self._book.open
         ep = op.get(("token_spike", "consumer", cs.key, cs.tenant))
         ep2 = op.get(("cost_spike", "consumer", cs.key, cs.tenant))
@@ -368,7 +569,7 @@ class Engine:
         the warm-up, towards 1 as the consumer ages)."""
         tc = cs.cfg.token_spike
         age = ts - cs.first_ts
-        n = cs.vol.n
+        n = cs.n
         w = tc.warmup_min * 60.0
         if age < w or n < tc.warmup_buckets:
             return INF
@@ -379,7 +580,7 @@ class Engine:
         of bucket ``b`` (see :mod:`detectors.volume`)."""
         tc = cs.cfg.token_spike
         cc = cs.cfg.cost_spike
-        vol = cs.vol
+        vol = cs
         learn_t, learn_c = self._spike_learn(cs, ts)
         per_bucket = 60.0 / BUCKET_S
         vol.roll(b, learn_t, learn_c, self._alpha(tc.halflife_min * per_bucket),
@@ -403,7 +604,7 @@ class Engine:
                       out: list[Finding]) -> None:
         """The 60 s window reached a pre-filter threshold: test it trimmed (its
         largest call removed), with enough calls and no dominating source."""
-        vol = cs.vol
+        vol = cs
         if vol.dominated1():
             return  # one run, session or request: agent_loop / context_bloat / repeats
         mt, mc = vol.largest1(vol.b % NB)
@@ -426,7 +627,7 @@ class Engine:
         """The 5 min window (closed minutes, trimmed), two windows in a row;
         returns its thresholds."""
         tc, cc = cs.cfg.token_spike, cs.cfg.cost_spike
-        vol = cs.vol
+        vol = cs
         per_min = 60.0 / BUCKET_S
         young = self._young(cs, ts)
         thr_t = max(5.0 * tc.sustained_min_tokens_per_min,
@@ -467,43 +668,44 @@ class Engine:
         several call sizes varies far less than a bursty call rate, so this
         shape is caught sooner and smaller than by the rate windows."""
         tc = cs.cfg.token_spike
-        sz = cs.sz
-        k = sz[7]
+        sz = cs.a  # the call-size figures start at SZ (see detectors.state)
+        k = sz[SZ + 7]
         g = 0.8 ** (gap + 1)
-        sz[3] = sz[3] * g + sz[5]
-        sz[4] = sz[4] * g + k
-        ml = sz[5] / k if k > 0 else 0.0
+        sz[SZ + 3] = sz[SZ + 3] * g + sz[SZ + 5]
+        sz[SZ + 4] = sz[SZ + 4] * g + k
+        ml = sz[SZ + 5] / k if k > 0 else 0.0
         if k > 0:
-            if sz[2] == 0:
-                sz[0], sz[1], sz[2] = ml, max(sz[6] / k - ml * ml, 0.0), 1.0
-            elif learn and ml - sz[0] < math.log(2.0):
+            if sz[SZ + 2] == 0:
+                sz[SZ], sz[SZ + 1], sz[SZ + 2] = ml, max(sz[SZ + 6] / k - ml * ml, 0.0), 1.0
+            elif learn and ml - sz[SZ] < math.log(2.0):
                 a = self._alpha(tc.halflife_min)
-                m = sz[0] + a * (ml - sz[0])
-                var = max(sz[6] / k - 2.0 * m * ml + m * m, 0.0)  # mean of (x - m)^2
-                sz[0], sz[1], sz[2] = m, sz[1] + a * (var - sz[1]), sz[2] + 1.0
-            sz[5] = sz[6] = sz[7] = 0.0
-        fc = sz[4]
-        if (not tc.enabled or sz[2] < tc.size_warmup_min or fc < tc.min_calls
+                m = sz[SZ] + a * (ml - sz[SZ])
+                var = max(sz[SZ + 6] / k - 2.0 * m * ml + m * m, 0.0)  # mean of (x - m)^2
+                sz[SZ], sz[SZ + 2] = m, sz[SZ + 2] + 1.0
+                sz[SZ + 1] += a * (var - sz[SZ + 1])
+            sz[SZ + 5] = sz[SZ + 6] = sz[SZ + 7] = 0.0
+        fc = sz[SZ + 4]
+        if (not tc.enabled or sz[SZ + 2] < tc.size_warmup_min or fc < tc.min_calls
                 or n < tc.min_calls or self._young(cs, ts) == INF):
             return
         # the last ~5 minutes, or (a busy consumer) the minute just closed alone
-        sd = max(math.sqrt(sz[1]), 0.25)
+        sd = max(math.sqrt(sz[SZ + 1]), 0.25)
         lr = math.log(tc.size_ratio)
-        fast = sz[3] / fc
-        d = fast - sz[0]
+        fast = sz[SZ + 3] / fc
+        d = fast - sz[SZ]
         if d < lr or d < tc.size_z * sd / math.sqrt(fc):
-            d = ml - sz[0]
+            d = ml - sz[SZ]
             if k < tc.min_calls or d < lr or d < tc.size_z * sd / math.sqrt(k):
                 return
             fast = ml
-        vol = cs.vol
+        vol = cs
         base = 5.0 * NB * vol.mean_t
         if st < max(5.0 * tc.min_tokens_per_min, tc.size_volume_ratio * base):
             return
         bp = vol.base_price()
         if bp > 0 and sc >= cs.cfg.cost_spike.price_ratio * bp * (st + 1.0):
             return  # the price changed too: cost_spike's
-        typical, now = math.expm1(sz[0]), math.expm1(fast)
+        typical, now = math.expm1(sz[SZ]), math.expm1(fast)
         if (now - typical) * n < 0.5 * (st - base):
             return  # the bigger prompts do not explain the rise (outputs, more calls)
         self._fire(out, kind="token_spike", scope="consumer", subject=cs.key, tenant=cs.tenant,
@@ -534,7 +736,7 @@ class Engine:
         tc = cs.cfg.token_spike
         if not tc.enabled:
             return
-        vol = cs.vol
+        vol = cs
         win = 5.0 if sustained else 1.0
         base = NB * vol.mean_t
         rmax = (vol.max5_t / 5.0) if sustained else vol.max1_t
@@ -566,7 +768,7 @@ class Engine:
         cc = cs.cfg.cost_spike
         if not cc.enabled:
             return
-        vol = cs.vol
+        vol = cs
         win = 5.0 if sustained else 1.0
         base = NB * vol.mean_c
         bp = vol.base_price()
@@ -645,23 +847,23 @@ class Engine:
             else:
                 cls = 0  # not counted
         model = event.model
-        if len(cs.models) > 1:
+        if cs.models:
             # the model this consumer's recent failures are on
             best = -1.0
-            for name in cs.models:
+            for name, _mb in cs.model_items():
                 m2 = self._models.get(name)
                 if m2 is not None:
-                    fw = m2.window(cs.key)[1]
+                    fw = m2.failures(cs.key)
                     if fw > best:
                         best, model, ms = fw, name, m2
         outage = self._is_open("failure_spike", "model", model, "*", ts)
         # rate rule
         rate_now = cs.ns * 60.0 / fc.short_tau_s
-        cpm = cs.cpm
-        cpm_sd = cpm.sd()
-        warm_rate = cs.tok.n >= rc.warmup_min
-        rate_thr = max(rc.rate_min_calls, cpm.mean + rc.rate_z * cpm_sd)
-        fail_thr = max(rc.rate_min_fail_share * rc.rate_min_calls, rc.rate_ratio * cpm.mean)
+        cpm_mean = cs.cpm_mean
+        cpm_sd = ew_sd(cs.cpm_var)
+        warm_rate = cs.tok_n >= rc.warmup_min
+        rate_thr = max(rc.rate_min_calls, cpm_mean + rc.rate_z * cpm_sd)
+        fail_thr = max(rc.rate_min_fail_share * rc.rate_min_calls, rc.rate_ratio * cpm_mean)
         fail_share = cs.fs / cs.ns
         w = cs.fwin
         jump = (rate_now >= rate_thr and fail_share >= rc.rate_min_fail_share
@@ -681,10 +883,10 @@ class Engine:
         if rc.enabled and warm_rate and jump and not outage:
             self._fire(out, kind="retry_storm", scope="consumer", subject=cs.key,
                        tenant=cs.tenant, consumer=cs.key, model=model, ts=ts, first_ts=ts - 30,
-                       observed=rate_now, baseline=cpm.mean, threshold=rate_thr,
+                       observed=rate_now, baseline=cpm_mean, threshold=rate_thr,
                        severity="critical", action="block",
                        summary=(f"{cs.key}: {rate_now:.0f} calls/min vs a baseline of "
-                                f"{cpm.mean:.1f}, {100 * fail_share:.0f}% failing"),
+                                f"{cpm_mean:.1f}, {100 * fail_share:.0f}% failing"),
                        evidence={"rule": "rate_jump", "event_id": event.event_id,
                                  "error": event.error, "status": event.status,
                                  "fail_share": round(fail_share, 3)},
@@ -753,13 +955,31 @@ class Engine:
         p0 = self._p0(ms.f_base, ms.n_base, fc.prior_rate, fc.prior_calls)
         if rest_f / rest_n < max(3.0 * p0, 0.1):
             return False
-        others = sum(1 for c, v in ms.cur.items() if c != consumer and v[1] > 0)
-        others += sum(1 for c, v in ms.prev.items()
-                      if c != consumer and v[1] > 0 and c not in ms.cur)
+        cur = ms.cur
+        others = sum(1 for c in ms.curf if c != consumer)
+        others += sum(1 for c in ms.prevf if c != consumer and c not in cur)
         return others >= 2
 
-    def _model_calls(self, ms: ModelState, event: UsageEvent, ts: float, failed: bool,
-                     out: list[Finding]) -> None:
+    def _model_roll(self, ms: ModelState, model: str, ts: float) -> None:
+        """Close the model's current bucket (``model_window_s / 2``): it
+        teaches the model's failure baseline unless it was anomalous."""
+        fc = self.config.settings.failure_spike
+        half = self._model_half
+        p0 = self._p0(ms.f_base, ms.n_base, fc.prior_rate, fc.prior_calls)
+        if (ms.cur_f <= max(fc.min_failures, 3.0 * p0 * ms.cur_n)
+                and not self._is_open("failure_spike", "model", model, "*", ts)):
+            a = self._alpha(fc.model_baseline_halflife_s / half)
+            ms.n_base = ms.n_base * (1.0 - a) + ms.cur_n
+            ms.f_base = ms.f_base * (1.0 - a) + ms.cur_f
+        if ts < ms.b_start + 2 * half:
+            ms.prev, ms.prevf, ms.prev_n, ms.prev_f = ms.cur, ms.curf, ms.cur_n, ms.cur_f
+        else:
+            ms.prev, ms.prevf, ms.prev_n, ms.prev_f = {}, {}, 0.0, 0.0
+        ms.cur, ms.curf, ms.cur_n, ms.cur_f = {}, {}, 0.0, 0.0
+        ms.b_start = ts - (ts - ms.b_start) % half
+
+    def _model_failed(self, ms: ModelState, consumer: str, event: UsageEvent, ts: float,
+                      out: list[Finding]) -> None:
         """failure_spike, scope model (upstream outage): the model's failure
         rate over the last ``model_window_s``, *leaving out its most failing
         consumer* (one broken client is not an outage), significantly above
@@ -767,54 +987,33 @@ class Engine:
         at ``model_min_consumers`` consumers or more and at least
         ``model_min_consumer_share`` of the model's active consumers.  Action
         is always alert; while it is open, consumer-scope failure_spike and
-        retry_storm findings for failures on this model are suppressed."""
+        retry_storm findings for failures on this model are suppressed.
+
+        Called for a failed call, once ``observe`` has counted it in the
+        model's current bucket (:meth:`_model_roll` closes buckets)."""
         fc = self.config.settings.failure_spike
-        half = fc.model_window_s / 2.0
-        if ts >= ms.b_start + half:
-            # the finished bucket teaches the baseline unless it was anomalous
-            p0 = self._p0(ms.f_base, ms.n_base, fc.prior_rate, fc.prior_calls)
-            if (ms.cur_f <= max(fc.min_failures, 3.0 * p0 * ms.cur_n)
-                    and not self._is_open("failure_spike", "model", event.model, "*", ts)):
-                a = self._alpha(fc.model_baseline_halflife_s / half)
-                ms.n_base = ms.n_base * (1.0 - a) + ms.cur_n
-                ms.f_base = ms.f_base * (1.0 - a) + ms.cur_f
-            if ts < ms.b_start + 2 * half:
-                ms.prev, ms.prev_n, ms.prev_f = ms.cur, ms.cur_n, ms.cur_f
-            else:
-                ms.prev, ms.prev_n, ms.prev_f = {}, 0.0, 0.0
-            ms.cur, ms.cur_n, ms.cur_f = {}, 0.0, 0.0
-            ms.b_start = ts - (ts - ms.b_start) % half
-        if ts > ms.last_ts:
-            ms.last_ts = ts
-        ms.calls += 1
-        consumer = event.consumer
-        e = ms.cur.get(consumer)
-        if e is None:
-            e = ms.cur[consumer] = [0.0, 0.0]
-        e[0] += 1.0
-        ms.cur_n += 1.0
-        if failed:
-            e[1] += 1.0
-            ms.cur_f += 1.0
+        half = self._model_half
+        curf = ms.curf
+        curf[consumer] = curf.get(consumer, 0) + 1
+        ms.cur_f += 1.0
         n = ms.cur_n + ms.prev_n
         f = ms.cur_f + ms.prev_f
         p0 = self._p0(ms.f_base, ms.n_base, fc.prior_rate, fc.prior_calls)
         floor = max(fc.min_rate, fc.min_ratio * p0)
         if f < 2.0 * fc.min_failures or f < floor * n:
             return
-        if not failed or not fc.model_enabled or ts < ms.check_at:
+        if not fc.model_enabled or ts < ms.check_at:
             return
         ms.check_at = ts + 2.0  # the per-consumer scan runs at most every 2 s
-        per = ms.per_consumer()
-        _top_c, top = max(per.items(), key=lambda kv: (kv[1][1], kv[0]))
-        rest_n, rest_f = n - top[0], f - top[1]
+        _top_c, top_n, top_f = ms.top_failing()
+        rest_n, rest_f = n - top_n, f - top_f
         if rest_f < fc.min_failures or rest_f < floor * rest_n:
             return
         s = binom_surprise(rest_f, rest_n, p0)
         if s < -fc.log10_alpha * LN10:
             return
-        n_fail = sum(1 for v in per.values() if v[1] > 0)
-        n_act = len(per)
+        n_fail = ms.n_failing()
+        n_act = ms.n_active()
         if n_fail < fc.model_min_consumers or n_fail < fc.model_min_consumer_share * n_act:
             return
         rate = f / n
@@ -831,9 +1030,13 @@ class Engine:
                    quiet_s=fc.model_quiet_s)
 
     # ------------------------------------------------------------ repeats
-    def _repeat(self, cs: ConsumerState, event: UsageEvent, rh: str, ts: float, failed: bool,
-                out: list[Finding]) -> bool:
-        """Track a request_hash; return True when this call repeats a failing request.
+    def _repeat(self, cs: ConsumerState, event: UsageEvent, rh: str, k: str,
+                rs: RepeatState | None, ts: float, failed: bool, out: list[Finding],
+                first_failed: bool = False) -> bool:
+        """Track a request_hash seen before (``k``: its key, ``rs``: its
+        tracker if it has one, else ``first_failed``: did its first sighting
+        fail; ``observe`` records first sightings); return True when this
+        call repeats a failing request.
 
         retry_storm (hash rule, see :meth:`_storm_check`): the last attempts
         of a repeating request_hash are kept in a tiny ring (created at its
@@ -849,20 +1052,8 @@ class Engine:
         same hash (of at least ``min_input_tokens``, and ``min_wasted_tokens``
         resent in all), none of them with cached input tokens.
         """
-        if ts >= self._seen_rotate:
-            self._seen_prev = self._seen_cur
-            self._seen_cur = {}
-            self._seen_rotate = ts + self.config.engine.repeat_horizon_s / 2.0
-        k = cs.key + "\x1f" + rh
-        rs = self._repeats.get(k)
         rc = cs.cfg.retry_storm
         if rs is None:
-            first_failed = self._seen_cur.get(k)
-            if first_failed is None:
-                first_failed = self._seen_prev.get(k)
-                if first_failed is None:
-                    self._seen_cur[k] = failed
-                    return False
             rs = self._repeats[k] = RepeatState(cs.key, rh, ts, event.model,
                                                 (event.user, event.session_id))
             if first_failed:
@@ -975,7 +1166,8 @@ class Engine:
 
     # ------------------------------------------------------------ runaway
     def _rule_runaway(self, cs: ConsumerState, ms: ModelState, event: UsageEvent, ts: float,
-                      out: list[Finding]) -> None:
+                      out: list[Finding], b: ModelCallBaseline, think: float, lat: float
+                      ) -> None:
         """runaway_reasoning: one call whose thinking (reasoning tokens, or
         output tokens for a model that reports none) or duration is extreme:
 
@@ -1000,32 +1192,25 @@ class Engine:
         ``repeat_count`` runaway calls within ``repeat_window_s`` escalate the
         consumer's episode to critical / block (an attack on a reasoning model).
         Runaway calls never teach the baselines.
+
+        ``observe`` has found the call's baseline ``b``, its thinking and
+        duration, and handles calls no rule can catch (they only learn).
         """
         rcfg = cs.cfg.runaway_reasoning
         model = event.model
-        b = cs.models.get(model)
-        if b is None:
-            b = cs.models[model] = ModelCallBaseline()
         rsn = event.reasoning_tokens
-        if rsn > 0:
-            b.has_reasoning = True
-            ms.size.has_reasoning = True
-        think = float(rsn if b.has_reasoning else event.output_tokens)
-        lat = (event.latency_ms or 0.0) / 1000.0
-        if not rcfg.enabled:
-            return
         rule = None
         # before the (consumer, model) baseline is warm, a reasoning model's
         # model-wide baseline stands in (output sizes of plain models vary too
         # much between consumers for that)
-        ref: ModelCallBaseline | None = b if b.think.n >= rcfg.warmup_calls else (
-            ms.size if ms.size.think.n >= rcfg.warmup_calls and ms.size.has_reasoning
+        ref: ModelCallBaseline | None = b if b[THINK + N] >= rcfg.warmup_calls else (
+            ms.size if ms.size[THINK + N] >= rcfg.warmup_calls and ms.size.has_reasoning
             else None)
         if (lat >= rcfg.max_latency_s and b.has_reasoning and think >= rcfg.min_tokens
                 and (ref is None or (
-                    (think >= ref.think.limit(0.7 * rcfg.z)
-                     or think >= 0.5 * rcfg.extreme_max_ratio * ref.think.rmax)
-                    and think >= rcfg.ratio_to_recent_max * ref.think.rmax))):
+                    (think >= ref.limit(THINK, 0.7 * rcfg.z)
+                     or think >= 0.5 * rcfg.extreme_max_ratio * ref[THINK + RMAX])
+                    and think >= rcfg.ratio_to_recent_max * ref[THINK + RMAX]))):
             # a long call that also thought unusually much (a slow call with a
             # normal amount of thinking is upstream latency, not runaway reasoning)
             rule = "max_latency"
@@ -1039,44 +1224,24 @@ class Engine:
             # so its variance says little: there the largest recent call of
             # the model (x 2 x ratio_to_recent_max) replaces the z-test
             own = ref is b
-            t = ref.think
             rmax_ratio = rcfg.ratio_to_recent_max * (1.0 if own else 2.0)
             # output tokens of a model that reports no reasoning are not all
             # thinking (long answers are normal): one sd more evidence there
             zt = rcfg.z if b.has_reasoning else rcfg.z + 1.0
             if (think >= rcfg.min_tokens
-                    and (not own or think >= t.limit(zt)
-                         or think >= rcfg.extreme_max_ratio * t.rmax)
-                    and think >= rmax_ratio * t.rmax
-                    and think >= rcfg.ratio_to_mean * t.geomean()):
+                    and (not own or think >= ref.limit(THINK, zt)
+                         or think >= rcfg.extreme_max_ratio * ref[THINK + RMAX])
+                    and think >= rmax_ratio * ref[THINK + RMAX]
+                    and think >= rcfg.ratio_to_mean * ref.geomean(THINK)):
                 rule = "tokens"
             else:
-                la = ref.lat
                 if (lat >= rcfg.min_latency_s and b.has_reasoning and think >= rcfg.min_tokens
-                        and (not own or lat >= la.limit(rcfg.z))
-                        and lat >= rmax_ratio * la.rmax
-                        and lat >= rcfg.ratio_to_mean * la.geomean()):
+                        and (not own or lat >= ref.limit(LAT, rcfg.z))
+                        and lat >= rmax_ratio * ref[LAT + RMAX]
+                        and lat >= rcfg.ratio_to_mean * ref.geomean(LAT)):
                     rule = "latency"
         if rule is None:
-            n = b.think.n
-            if n >= 200 and cs.calls % LEARN_SAMPLE:
-                # a settled baseline learns its mean/variance from one call in
-                # LEARN_SAMPLE; the recent maximum sees every call
-                bt, bl = b.think, b.lat
-                r = bt.rmax * 0.998
-                bt.rmax = think if think > r else r
-                r = bl.rmax * 0.998
-                bl.rmax = lat if lat > r else r
-                return
-            a = 0.02
-            decay = 0.998
-            b.think.update(think, a, decay)
-            if lat > 0:
-                b.lat.update(lat, a, decay)
-            if ms.calls % MODEL_SAMPLE == 0:
-                ms.size.think.update(think, a, decay)
-                if lat > 0:
-                    ms.size.lat.update(lat, a, decay)
+            self._learn_call_size(cs, ms, b, think, lat)
             return
         hist = self._runaway_ts.setdefault(cs.key, [])
         hist.append(ts)
@@ -1086,17 +1251,17 @@ class Engine:
         if len(hist) > 64:
             del hist[:-64]
         repeated = len(hist) >= rcfg.repeat_count
-        base_t = ref.think.geomean() if ref is not None else 0.0
-        base_l = ref.lat.geomean() if ref is not None else 0.0
+        base_t = ref.geomean(THINK) if ref is not None else 0.0
+        base_l = ref.geomean(LAT) if ref is not None else 0.0
         if rule in ("max_latency", "latency"):
             obs, base, thr = lat, base_l, (rcfg.max_latency_s if rule == "max_latency" else
-                                           ref.lat.limit(rcfg.z) if ref else 0.0)
+                                           ref.limit(LAT, rcfg.z) if ref else 0.0)
             what = f"ran {lat:.0f} s"
         else:
             obs, base = think, base_t
             thr = (rcfg.max_think_tokens if rule == "max_tokens" else
                    float(event.max_output_tokens or event.output_tokens)
-                   if rule == "reasoning_budget" else ref.think.limit(rcfg.z) if ref else 0.0)
+                   if rule == "reasoning_budget" else ref.limit(THINK, rcfg.z) if ref else 0.0)
             what = f"thought {think:.0f} tokens"
         summary = (f"{cs.key}: a {model} call {what} (typical {_fmt(base_t)} tokens, "
                    f"{base_l:.0f} s; rule {rule})")
@@ -1115,10 +1280,33 @@ class Engine:
                              "runaway_calls_in_window": len(hist)},
                    quiet_s=rcfg.quiet_s)
 
+    @staticmethod
+    def _learn_call_size(cs: ConsumerState, ms: ModelState, b: ModelCallBaseline, think: float,
+                         lat: float) -> None:
+        """A normal call teaches the (consumer, model) and model-wide call-size baselines."""
+        if b[THINK + N] >= 200 and cs.calls % LEARN_SAMPLE:
+            # a settled baseline learns its mean/variance from one call in
+            # LEARN_SAMPLE; the recent maximum sees every call
+            r = b[THINK + RMAX] * 0.998
+            b[THINK + RMAX] = think if think > r else r
+            r = b[LAT + RMAX] * 0.998
+            b[LAT + RMAX] = lat if lat > r else r
+            return
+        a = 0.02
+        decay = 0.998
+        b.update(THINK, think, a, decay)
+        if lat > 0:
+            b.update(LAT, lat, a, decay)
+        if ms.calls % MODEL_SAMPLE == 0:
+            size = ms.size
+            size.update(THINK, think, a, decay)
+            if lat > 0:
+                size.update(LAT, lat, a, decay)
+
     # --------------------------------------------------------------- runs
     def _rule_runs(self, cs: ConsumerState, event: UsageEvent, ts: float, tokens: int,
-                   failed: bool, tid: str | None, sid: str | None, out: list[Finding]) -> None:
-        """agent_loop and context_bloat.
+                   failed: bool, tid: str | None, sid: str | None, out: list[Finding]) -> bool:
+        """agent_loop and context_bloat; True when the call starts a run.
 
         agent_loop: a run (trace_id, else session_id) with more calls than
         max(min_calls, ratio x the consumer's long run), the long run being
@@ -1137,7 +1325,7 @@ class Engine:
         if r is None:
             r = runs[key] = RunState(cs.key, cs.tenant, ts, event.model)
         r.calls += 1
-        cs.vol.new_run = r.calls == 1
+        new_run = r.calls == 1
         r.tokens += tokens
         if ts > r.last_ts:
             r.last_ts = ts
@@ -1146,8 +1334,9 @@ class Engine:
         ac = cs.cfg.agent_loop
         if ac.enabled and (r.calls >= ac.min_calls or r.tokens >= ac.min_tokens):
             if cs.runs >= ac.warmup_runs:
-                thr_c = max(ac.min_calls, ac.ratio * cs.run_calls.limit(2.33, 0.1))
-                thr_t = max(ac.min_tokens, ac.token_ratio * cs.run_tok.limit(2.33, 0.1))
+                thr_c = max(ac.min_calls, ac.ratio * (cs.run_calls or _NO_RUNS).limit(2.33, 0.1))
+                thr_t = max(ac.min_tokens,
+                            ac.token_ratio * (cs.run_tok or _NO_RUNS).limit(2.33, 0.1))
             else:
                 thr_c = max(ac.min_calls, ac.guard_calls)
                 thr_t = max(ac.min_tokens, 10 * ac.min_tokens)
@@ -1163,8 +1352,8 @@ class Engine:
                 by_calls = r.calls / thr_c >= r.tokens / thr_t
                 obs, thr = (float(r.calls), thr_c) if by_calls else (float(r.tokens), thr_t)
                 crit = obs >= ac.critical_ratio * thr
-                base = (cs.run_calls.geomean() if by_calls else cs.run_tok.geomean()
-                        ) if cs.runs else 0.0
+                base = ((cs.run_calls or _NO_RUNS).geomean() if by_calls
+                        else (cs.run_tok or _NO_RUNS).geomean()) if cs.runs else 0.0
                 rid = tid if tid is not None else sid
                 self._fire(out, kind="agent_loop", scope="session", subject=rid or "",
                            tenant=cs.tenant, consumer=cs.key, model=event.model, ts=ts,
@@ -1192,7 +1381,7 @@ class Engine:
         else:
             s = r
         if failed:
-            return
+            return new_run
         inp = event.input_tokens
         bc = cs.cfg.context_bloat
         # growth is history resent call after call: each call adds about one
@@ -1231,6 +1420,7 @@ class Engine:
                                  "cached_input_tokens": event.cached_input_tokens,
                                  "event_id": event.event_id},
                        quiet_s=bc.quiet_s)
+        return new_run
 
     def _sweep_runs(self, now: float) -> None:
         """Finish runs idle for ``run_idle_s``: normal ones teach the
@@ -1242,9 +1432,7 @@ class Engine:
             if now - r.last_ts >= idle:
                 done.append(k)
                 if cs is not None and not r.flagged & 7:  # bit 8 (long growth) is normal
-                    cs.run_calls.update(float(r.calls), 0.05, 0.995)
-                    cs.run_tok.update(float(r.tokens), 0.05, 0.995)
-                    cs.runs += 1
+                    cs.learn_run(float(r.calls), float(r.tokens))
         for k in done:
             del self._runs[k]
 

@@ -89,6 +89,9 @@ class EpisodeBook:
 
     def __init__(self, interval_s: float = 300.0, growth: float = 1.5) -> None:
         self.open: dict[tuple[str, str, str, str], Episode] = {}
+        # open episodes per subject: a cheap "nothing open for this consumer"
+        # test before building the (kind, scope, subject, tenant) key
+        self.subjects: dict[str, int] = {}
         self.interval_s = interval_s
         self.growth = growth
 
@@ -122,6 +125,7 @@ class EpisodeBook:
                       evidence, quiet_s)
             ep.last_emit_ts, ep.last_emit_obs = now, observed
             self.open[key] = ep
+            self.subjects[subject] = self.subjects.get(subject, 0) + 1
             out.append(ep.finding())
             return out
         ep.touches += 1
@@ -174,6 +178,11 @@ class EpisodeBook:
             end = ep.last_touch + ep.quiet_s
             if now >= end:
                 del self.open[k]
+                n = self.subjects[k[2]] - 1
+                if n:
+                    self.subjects[k[2]] = n
+                else:
+                    del self.subjects[k[2]]
                 ep.revision += 1
                 out.append(ep.finding(status="resolved", resolved_at=end, now=end))
         return out

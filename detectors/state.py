@@ -1,7 +1,7 @@
 """Per-key state of the detection engine: compact ``__slots__`` records.
 
 Memory matters (one :class:`ConsumerState` per tracked consumer, 100k+ of
-them), so only the per-minute token and cost baselines use river objects
+them), so only the per-minute token baseline uses a river object
 (:class:`~detectors.baselines.MinuteSeries`); everything else is a handful of
 floats.  Per-(consumer, model) call-size baselines exist only for the models a
 consumer actually uses, and request-hash trackers only once a hash repeats.
@@ -9,93 +9,234 @@ consumer actually uses, and request-hash trackers only once a hash repeats.
 
 from __future__ import annotations
 
+import math
 from array import array
 from typing import Any
 
-from .baselines import EW, LogBaseline, MinuteSeries
+from river import stats
+
+from .baselines import (
+    LogBaseline,
+    MinuteSeries,
+    alpha_for_halflife,
+    minute_fill_zeros,
+    minute_sd,
+    minute_update,
+)
 from .config import Settings
 from .reliability import FailWindow, HashWindow
-from .volume import Volume
+from .volume import VSIZE, Volume
 
 INF = float("inf")
 
+# the consumer's float figures, after the Volume's in its array (a float
+# object per figure would cost three times as much)
+(FIRST_TS, LAST_TS, M_TOK, M_COST, CPM_MEAN, CPM_VAR, NS, FS, NL, FL, F_BASE, N_BASE,
+ TOK_MEAN, M_FAIL) = range(VSIZE, VSIZE + 14)
+# log input tokens of independent calls (token_spike, call-size rule): slow
+# per-minute EW mean and per-call variance, minutes learnt, a fast decayed sum
+# and count (~5 min), the current minute's sum, sum of squares and count
+SZ = VSIZE + 14
+CSIZE = SZ + 8
 
-class ConsumerState:
+
+class _Field:
+    """A float figure of a :class:`ConsumerState`, stored in its array."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+
+    def __get__(self, obj: Volume, cls: Any = None) -> float:
+        return obj.a[self.i]
+
+    def __set__(self, obj: Volume, v: float) -> None:
+        obj.a[self.i] = v
+
+
+class ConsumerState(Volume):
+    """One tracked consumer.  It *is* its :class:`~detectors.volume.Volume`
+    (the 60 s / 5 min rate windows of token_spike and cost_spike), so that a
+    consumer costs one object plus its ring array and a few small records."""
+
     __slots__ = (
         "calls",
         "cfg",
-        "cpm",
-        "f_base",
-        "first_ts",
-        "fl",
-        "fs",
         "fwin",
         "key",
-        "last_fail_model",
-        "last_ts",
         "m_calls",
-        "m_cost",
-        "m_fail",
-        "m_tok",
-        "minute",
+        "mb1",
+        "model1",
         "models",
-        "n_base",
-        "nl",
-        "ns",
         "run_calls",
         "run_tok",
-        "runs",
-        "sz",
-        "t_fail",
         "tenant",
-        "tok",
-        "vol",
+        "tok_n",
+        "tok_v",
     )
 
-    def __init__(self, key: str, tenant: str, cfg: Settings, ts: float) -> None:
+    first_ts = _Field(FIRST_TS)
+    last_ts = _Field(LAST_TS)  # also the time the decayed failure counts refer to
+    m_tok = _Field(M_TOK)  # current minute's tokens (whole numbers) and cost
+    m_cost = _Field(M_COST)
+    cpm_mean = _Field(CPM_MEAN)  # calls / minute: EW mean and variance (see baselines.EW)
+    cpm_var = _Field(CPM_VAR)
+    # failures: decayed counts (short and long window) and a slow baseline (EW
+    # failures / calls, counts with a half-life in calls)
+    ns = _Field(NS)
+    fs = _Field(FS)
+    nl = _Field(NL)
+    fl = _Field(FL)
+    f_base = _Field(F_BASE)
+    n_base = _Field(N_BASE)
+    tok_mean = _Field(TOK_MEAN)  # tokens / minute, EW mean (the variance: river, tok_v)
+    m_fail = _Field(M_FAIL)  # current minute's failed distinct requests
+
+    def __init__(self, key: str, tenant: str, cfg: Settings, ts: float,
+                 tok_alpha: float | None = None) -> None:
+        # 60 s / 5 min rate windows (token_spike, cost_spike), then the figures above
+        Volume.__init__(self, ts, CSIZE)
         self.key = key
         self.tenant = tenant
         self.cfg = cfg
-        self.first_ts = ts
-        self.last_ts = ts
-        self.minute = int(ts // 60)
-        self.m_tok = 0  # current minute's totals
-        self.m_cost = 0.0
+        a = self.a
+        a[FIRST_TS] = a[LAST_TS] = ts
         self.m_calls = 0
-        self.m_fail = 0
-        ts_cfg = cfg.token_spike
-        self.tok = MinuteSeries(ts_cfg.halflife_min)  # tokens / minute (river)
-        self.cpm = EW()  # calls / minute
-        self.vol = Volume(ts)  # 60 s / 5 min rate windows (token_spike, cost_spike)
-        # log input tokens of independent calls (token_spike, call-size rule):
-        # slow per-minute EW mean and per-call variance, minutes learnt, a
-        # fast decayed sum and count (~5 min), the current minute's sum, sum
-        # of squares and count
-        self.sz = array("d", bytes(8 * 8))
-        # failures: decayed counts (short and long window) and a slow baseline
-        self.ns = self.fs = self.nl = self.fl = 0.0
-        self.t_fail = ts
-        self.f_base = 0.0  # EW failures / calls, counts with a half-life in calls
-        self.n_base = 0.0
+        # tokens / minute: a MinuteSeries kept in place (river EWVar, mean in the array)
+        a_ = alpha_for_halflife(cfg.token_spike.halflife_min) if tok_alpha is None else tok_alpha
+        self.tok_v = stats.EWVar(fading_factor=a_)
+        self.tok_n = 0
         self.calls = 0
-        self.last_fail_model: str | None = None
         self.fwin: FailWindow | None = None  # last failures (failure_spike), lazily
-        self.models: dict[str, ModelCallBaseline] = {}
-        # agent runs: EW of log(calls) and log(tokens) per completed run
-        self.runs = 0
-        self.run_calls = LogBaseline()
-        self.run_tok = LogBaseline()
+        # call-size baselines per model: the first model inline, others in a dict
+        self.model1: str | None = None
+        self.mb1: ModelCallBaseline | None = None
+        self.models: dict[str, ModelCallBaseline] | None = None
+        # agent runs: EW of log(calls) and log(tokens) per completed run (from the first)
+        self.run_calls: LogBaseline | None = None
+        self.run_tok: LogBaseline | None = None
+
+    def tok_update(self, x: float) -> None:
+        """:meth:`MinuteSeries.update` of the tokens / minute series."""
+        self.a[TOK_MEAN] = minute_update(self.tok_v, self.tok_n, self.a[TOK_MEAN], x)
+        self.tok_n += 1
+
+    def tok_fill_zeros(self, k: int) -> None:
+        k = min(k, MinuteSeries.MAX_FILL)
+        self.a[TOK_MEAN] = minute_fill_zeros(self.tok_v, self.tok_n, self.a[TOK_MEAN], k)
+        self.tok_n += max(k, 0)
+
+    def tok_sd(self) -> float:
+        return minute_sd(self.tok_v)
+
+    def model_baseline(self, model: str) -> ModelCallBaseline:
+        """The (consumer, model) call-size baseline, created on first use."""
+        if model == self.model1:
+            return self.mb1  # type: ignore[return-value]
+        if self.model1 is None:
+            self.model1 = model
+            b = self.mb1 = ModelCallBaseline.new()
+            return b
+        ms = self.models
+        if ms is None:
+            ms = self.models = {}
+        b2 = ms.get(model)
+        if b2 is None:
+            b2 = ms[model] = ModelCallBaseline.new()
+        return b2
+
+    def model_count(self) -> int:
+        return 0 if self.model1 is None else 1 + (len(self.models) if self.models else 0)
+
+    def model_items(self) -> list[tuple[str, ModelCallBaseline]]:
+        """(model, baseline) in the order the models were first seen."""
+        if self.model1 is None:
+            return []
+        out = [(self.model1, self.mb1)]
+        if self.models:
+            out.extend(self.models.items())
+        return out  # type: ignore[return-value]
+
+    def learn_run(self, calls: float, tokens: float) -> None:
+        """A completed normal run teaches the run-length baselines."""
+        if self.run_calls is None:
+            self.run_calls = LogBaseline()
+            self.run_tok = LogBaseline()
+        self.run_calls.update(calls, 0.05, 0.995)
+        self.run_tok.update(tokens, 0.05, 0.995)  # type: ignore[union-attr]
+
+    @property
+    def runs(self) -> int:
+        """Completed normal runs (that taught the run-length baselines)."""
+        return 0 if self.run_calls is None else self.run_calls.n
+
+    @property
+    def minute(self) -> int:
+        """The current minute (the 5 min ring's)."""
+        return self.m
 
 
-class ModelCallBaseline:
-    """Size and duration of one call, for one (consumer, model) or one model."""
+# ModelCallBaseline layout: two LogBaseline-like records (log mean, log
+# variance, recent max, count) and a flag
+THINK = 0  # reasoning tokens (or output tokens without reasoning)
+LAT = 4  # seconds
+RMAX = 2  # offset of the recent maximum in a record
+N = 3  # offset of the count
+HAS_R = 8  # 1.0 once the model reported reasoning tokens
+_MCB_ZEROS = array("d", (0.0,)) * 9
 
-    __slots__ = ("has_reasoning", "lat", "think")
 
-    def __init__(self) -> None:
-        self.think = LogBaseline()  # reasoning tokens (or output tokens without reasoning)
-        self.lat = LogBaseline()  # seconds
-        self.has_reasoning = False
+class ModelCallBaseline(array):
+    """Size and duration of one call, for one (consumer, model) or one model:
+    :class:`~detectors.baselines.LogBaseline` records (same recursion) of the
+    thinking (``THINK``) and the duration (``LAT``), packed in one
+    ``array('d')`` (one object instead of three plus six floats).
+
+    >>> b = ModelCallBaseline.new()
+    >>> b.update(THINK, 100.0, 0.02, 0.998); b.update(THINK, 300.0, 0.02, 0.998)
+    >>> ref = LogBaseline(); ref.update(100.0, 0.02, 0.998); ref.update(300.0, 0.02, 0.998)
+    >>> b.limit(THINK, 5.0) == ref.limit(5.0), b[THINK + RMAX] == ref.rmax, int(b[THINK + N])
+    (True, True, 2)
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def new(cls) -> ModelCallBaseline:
+        return cls("d", _MCB_ZEROS)
+
+    @property
+    def has_reasoning(self) -> bool:
+        return self[HAS_R] != 0.0
+
+    @has_reasoning.setter
+    def has_reasoning(self, v: bool) -> None:
+        self[HAS_R] = 1.0 if v else 0.0
+
+    def update(self, o: int, x: float, a: float, decay: float) -> None:
+        """:meth:`LogBaseline.update` of the record at ``o``."""
+        lx = math.log1p(x)
+        if self[o + 3] == 0:
+            self[o] = lx
+        else:
+            m = self[o]
+            d = lx - m
+            inc = a * d
+            self[o] = m + inc
+            self[o + 1] = (1.0 - a) * (self[o + 1] + d * inc)
+        r = self[o + 2] * decay
+        self[o + 2] = x if x > r else r
+        self[o + 3] += 1.0
+
+    def limit(self, o: int, z: float, sd_floor: float = 0.25) -> float:
+        """:meth:`LogBaseline.limit` of the record at ``o``."""
+        v = self[o + 1]
+        sd = math.sqrt(v) if v > 0 else 0.0
+        return math.expm1(self[o] + z * max(sd, sd_floor))
+
+    def geomean(self, o: int) -> float:
+        return math.expm1(self[o])
 
 
 class RunState:
@@ -163,38 +304,60 @@ class RepeatState:
 
 class ModelState:
     """Failure statistics of one model across all its consumers, in two
-    buckets of ``model_window_s / 2`` (current and previous), per consumer."""
+    buckets of ``model_window_s / 2`` (current and previous), per consumer:
+    calls (consumer -> count) and failures (only consumers that failed)."""
 
-    __slots__ = ("b_start", "calls", "check_at", "cur", "cur_f", "cur_n", "f_base", "last_ts",
-                 "n_base", "prev", "prev_f", "prev_n", "size")
+    __slots__ = ("b_start", "calls", "check_at", "cur", "cur_f", "cur_n", "curf", "f_base",
+                 "last_ts", "n_base", "prev", "prev_f", "prev_n", "prevf", "size")
 
     def __init__(self, ts: float) -> None:
         self.b_start = ts
-        self.cur: dict[str, list[float]] = {}  # consumer -> [calls, failures]
-        self.prev: dict[str, list[float]] = {}
+        self.cur: dict[str, int] = {}  # consumer -> calls
+        self.curf: dict[str, int] = {}  # consumer -> failures (> 0)
+        self.prev: dict[str, int] = {}
+        self.prevf: dict[str, int] = {}
         self.cur_n = self.cur_f = self.prev_n = self.prev_f = 0.0
         self.f_base = 0.0
         self.n_base = 0.0
         self.calls = 0
         self.last_ts = ts
         self.check_at = -INF
-        self.size = ModelCallBaseline()  # call sizes across consumers (runaway fallback)
+        self.size = ModelCallBaseline.new()  # call sizes across consumers (runaway fallback)
 
     def window(self, consumer: str) -> tuple[float, float]:
         """(calls, failures) of one consumer in the window."""
-        a = self.cur.get(consumer)
-        b = self.prev.get(consumer)
-        n = (a[0] if a else 0.0) + (b[0] if b else 0.0)
-        f = (a[1] if a else 0.0) + (b[1] if b else 0.0)
-        return n, f
+        n = self.cur.get(consumer, 0) + self.prev.get(consumer, 0)
+        f = self.curf.get(consumer, 0) + self.prevf.get(consumer, 0)
+        return float(n), float(f)
 
-    def per_consumer(self) -> dict[str, list[float]]:
-        out = {c: [v[0], v[1]] for c, v in self.prev.items()}
-        for c, v in self.cur.items():
-            o = out.get(c)
-            if o is None:
-                out[c] = [v[0], v[1]]
-            else:
-                o[0] += v[0]
-                o[1] += v[1]
-        return out
+    def failures(self, consumer: str) -> int:
+        return self.curf.get(consumer, 0) + self.prevf.get(consumer, 0)
+
+    def top_failing(self) -> tuple[str, float, float]:
+        """The consumer with the most failures in the window (ties: the
+        greatest name) with its (calls, failures); the window must hold a
+        failure."""
+        curf, prevf = self.curf, self.prevf
+        best: tuple[int, str] | None = None
+        for c, f in curf.items():
+            k = (f + prevf.get(c, 0), c)
+            if best is None or k > best:
+                best = k
+        for c, f in prevf.items():
+            if c not in curf:
+                k = (f, c)
+                if best is None or k > best:
+                    best = k
+        assert best is not None
+        c = best[1]
+        return c, float(self.cur.get(c, 0) + self.prev.get(c, 0)), float(best[0])
+
+    def n_failing(self) -> int:
+        """Consumers with a failure in the window."""
+        curf = self.curf
+        return len(curf) + sum(1 for c in self.prevf if c not in curf)
+
+    def n_active(self) -> int:
+        """Consumers with a call in the window."""
+        cur = self.cur
+        return len(cur) + sum(1 for c in self.prev if c not in cur)

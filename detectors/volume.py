@@ -56,40 +56,37 @@ _MAX5_C = _MEAN_T + 5
 # previous minute (5 min block) are pending; a minute (block) later they count
 _P1_T = _MEAN_T + 6  # pending, 60 s windows: tokens current, previous; cost current, previous
 _P5_T = _MEAN_T + 10  # same, 5 min windows
-_SIZE = _MEAN_T + 14
+_P_END = _MEAN_T + 14
+# the window's running figures (floats in the array rather than float objects:
+# memory is per consumer): 60 s window tokens, cost, independent calls; the
+# pre-filter thresholds of the current bucket (tokens, cost, cost volume); the
+# heavy-hitter weights and decayed totals (60 s, 5 min)
+_WT, _WC, _WN, _THR_T, _THR_C, _THR_CF, _W1, _TOT1, _W5, _TOT5 = range(_P_END, _P_END + 10)
+VSIZE = _P_END + 10  # the Volume's part of the array (a subclass may append fields)
+# for code that writes Volume.add out (the engine)
+V_WT, V_WC, V_WN, V_THR_T, V_THR_C = _WT, _WC, _WN, _THR_T, _THR_C
+V_W1, V_TOT1, V_W5, V_TOT5 = _W1, _TOT1, _W5, _TOT5
 DOM_SHARE = 0.3  # a source with at least this share of the decayed window (lower bound) dominates
 D1 = 0.5 ** (BUCKET_S / 30.0)  # 60 s tracker: weights halve in 30 s
 D5 = 0.5 ** (60.0 / 150.0)  # 5 min tracker: weights halve in 150 s (decayed per minute)
 INF = float("inf")
+_ZEROS = (0.0,)
 
 
 class Volume:
     """Per-consumer rate windows (see the module doc)."""
 
-    __slots__ = ("a", "b", "hits5", "m", "mc", "mt", "n", "new_run", "src1", "src5", "thr_c",
-                 "thr_cf", "thr_t", "tot1", "tot5", "w1", "w5", "wc", "wn", "wt")
+    __slots__ = ("a", "b", "hits5", "m", "n", "src1", "src5")
 
-    def __init__(self, ts: float) -> None:
+    def __init__(self, ts: float, size: int = VSIZE) -> None:
         self.b = int(ts // BUCKET_S)  # current bucket
         self.m = int(ts // 60.0)  # current minute (of the 5 min ring)
-        self.a = array("d", bytes(8 * _SIZE))  # the two rings and the baselines
-        self.wt = 0.0  # 60 s window: tokens, cost, calls
-        self.wc = 0.0
-        self.wn = 0.0
-        self.mt = 0.0  # largest call (tokens, cost) in the 5 older buckets of the window
-        self.mc = 0.0
-        self.thr_t = INF  # pre-filter thresholds for the current bucket
-        self.thr_c = INF
-        self.thr_cf = INF  # the cost volume threshold (thr_c may be lower: price rule)
-        self.src1: object = None  # heavy-hitter source, its weight, decayed total (60 s)
-        self.w1 = 0.0
-        self.tot1 = 0.0
+        a = self.a = array("d", _ZEROS) * size  # the two rings, the baselines, the figures
+        a[_THR_T] = a[_THR_C] = a[_THR_CF] = INF  # (thr_c may be below thr_cf: price rule)
+        self.src1: object = None  # heavy-hitter source (60 s), weight and total in the array
         self.src5: object = None  # same, 5 min
-        self.w5 = 0.0
-        self.tot5 = 0.0
         self.hits5 = 0  # consecutive 5 min windows above threshold (bit 0 tokens, 8 cost)
         self.n = 0  # 10 s buckets learnt
-        self.new_run = False  # set by the engine: this call starts a run (trace / session)
 
     # ------------------------------------------------------------ per event
     def add(self, tokens: int, cost: float, src: object, slot: int, indep: bool = True
@@ -101,46 +98,56 @@ class Volume:
         a = self.a
         i = slot * NF
         a[i] += tokens
-        a[i + 1] += cost
         if indep:
             a[i + 2] += 1.0
-            self.wn += 1.0
+            a[_WN] += 1.0
         if tokens > a[i + 3]:
             a[i + 3] = tokens
-        if cost > a[i + 4]:
-            a[i + 4] = cost
-        self.wt += tokens
-        self.wc += cost
+        wt = a[_WT] + tokens
+        a[_WT] = wt
+        if cost:  # adding 0.0 changes nothing
+            a[i + 1] += cost
+            if cost > a[i + 4]:
+                a[i + 4] = cost
+            wc = a[_WC] + cost
+            a[_WC] = wc
+        else:
+            wc = a[_WC]
         x = tokens + 1.0
         # weighted Misra-Gries with one counter: the candidate's weight is a
         # lower bound of its true (decayed) weight
+        w = a[_W1]
         if src == self.src1:
-            self.w1 += x
-        elif self.w1 >= x:
-            self.w1 -= x
+            a[_W1] = w + x
+        elif w >= x:
+            a[_W1] = w - x
         else:
-            self.src1, self.w1 = src, x - self.w1
-        self.tot1 += x
+            self.src1 = src
+            a[_W1] = x - w
+        a[_TOT1] += x
+        w = a[_W5]
         if src == self.src5:
-            self.w5 += x
-        elif self.w5 >= x:
-            self.w5 -= x
+            a[_W5] = w + x
+        elif w >= x:
+            a[_W5] = w - x
         else:
-            self.src5, self.w5 = src, x - self.w5
-        self.tot5 += x
-        return self.wt >= self.thr_t or self.wc >= self.thr_c
+            self.src5 = src
+            a[_W5] = x - w
+        a[_TOT5] += x
+        return wt >= a[_THR_T] or wc >= a[_THR_C]
 
     def dominated1(self) -> bool:
-        return self.w1 >= DOM_SHARE * self.tot1
+        a = self.a
+        return a[_W1] >= DOM_SHARE * a[_TOT1]
 
     def dominated5(self) -> bool:
-        return self.w5 >= DOM_SHARE * self.tot5
+        a = self.a
+        return a[_W5] >= DOM_SHARE * a[_TOT5]
 
     def largest1(self, slot: int) -> tuple[float, float]:
-        """The largest call (tokens, cost) in the 60 s window."""
-        a = self.a
-        i = slot * NF
-        return max(self.mt, a[i + 3]), max(self.mc, a[i + 4])
+        """The largest call (tokens, cost) in the 60 s window (``slot``: the
+        current bucket's; every bucket of the ring is in the window)."""
+        return _largest(self.a)
 
     # -------------------------------------------------------------- buckets
     def roll(self, b: int, learn_t: bool, learn_c: bool, alpha: float, max_decay: float
@@ -153,8 +160,7 @@ class Volume:
             return
         slot = self.b % NB
         i = slot * NF
-        mt = self.mt if self.mt > a[i + 3] else a[i + 3]
-        mc = self.mc if self.mc > a[i + 4] else a[i + 4]
+        mt, mc = _largest(a)
         f = (1.0 - alpha) ** min(k - 1, 100_000)
         d = max_decay ** min(k, 100_000)
         # the recent maximum learns only from windows below the threshold, a
@@ -164,14 +170,14 @@ class Volume:
             m = a[_MEAN_T]
             m += alpha * (a[i] - m)
             a[_MEAN_T] = m * f
-            _pend(a, _MAX1_T, _P1_T, self.wt - mt, self.thr_t, d, new_min)
+            _pend(a, _MAX1_T, _P1_T, a[_WT] - mt, a[_THR_T], d, new_min)
         else:
             a[_P1_T] = a[_P1_T + 1] = 0.0
         if learn_c:
             m = a[_MEAN_C]
             m += alpha * (a[i + 1] - m)
             a[_MEAN_C] = m * f
-            _pend(a, _MAX1_C, _P1_T + 2, self.wc - mc, self.thr_cf, d, new_min)
+            _pend(a, _MAX1_C, _P1_T + 2, a[_WC] - mc, a[_THR_CF], d, new_min)
         else:
             a[_P1_T + 2] = a[_P1_T + 3] = 0.0
         self.n += 1
@@ -180,25 +186,20 @@ class Volume:
             o = ((self.b + j) % NB) * NF
             a[o] = a[o + 1] = a[o + 2] = a[o + 3] = a[o + 4] = 0.0
         self.b = b
-        cur = b % NB
-        wt = wc = wn = mt = mc = 0.0
+        wt = wc = wn = 0.0
         for s_ in range(NB):
             o = s_ * NF
             wt += a[o]
             wc += a[o + 1]
             wn += a[o + 2]
-            if s_ != cur:
-                if a[o + 3] > mt:
-                    mt = a[o + 3]
-                if a[o + 4] > mc:
-                    mc = a[o + 4]
-        self.wt, self.wc, self.wn, self.mt, self.mc = wt, wc, wn, mt, mc
+        a[_WT], a[_WC], a[_WN] = wt, wc, wn
         g = D1 ** k
-        self.w1 *= g
-        self.tot1 *= g
+        a[_W1] *= g
+        a[_TOT1] *= g
 
     def set_thresholds(self, thr_t: float, thr_c: float, thr_cf: float) -> None:
-        self.thr_t, self.thr_c, self.thr_cf = thr_t, thr_c, thr_cf
+        a = self.a
+        a[_THR_T], a[_THR_C], a[_THR_CF] = thr_t, thr_c, thr_cf
 
     # --------------------------------------------------------------- minutes
     def window5(self, tokens: float, cost: float) -> tuple[float, float, float]:
@@ -256,8 +257,36 @@ class Volume:
             a[o] = a[o + 1] = a[o + 2] = a[o + 3] = a[o + 4] = 0.0
         self.m = m
         g = D5 ** min(k, 100)
-        self.w5 *= g
-        self.tot5 *= g
+        a[_W5] *= g
+        a[_TOT5] *= g
+
+    # ------------------------------------------------------------- figures
+    @property
+    def wt(self) -> float:
+        """Tokens in the 60 s window."""
+        return self.a[_WT]
+
+    @property
+    def wc(self) -> float:
+        """Cost in the 60 s window."""
+        return self.a[_WC]
+
+    @property
+    def wn(self) -> float:
+        """Independent calls in the 60 s window."""
+        return self.a[_WN]
+
+    @property
+    def thr_t(self) -> float:
+        return self.a[_THR_T]
+
+    @property
+    def thr_c(self) -> float:
+        return self.a[_THR_C]
+
+    @property
+    def thr_cf(self) -> float:
+        return self.a[_THR_CF]
 
     # ------------------------------------------------------------- baselines
     @property
@@ -289,6 +318,17 @@ class Volume:
         """Baseline cost per token (ratio of the EW means), 0 if unknown."""
         a = self.a
         return a[_MEAN_C] / a[_MEAN_T] if a[_MEAN_T] > 0 else 0.0
+
+
+def _largest(a: array) -> tuple[float, float]:
+    """The largest call (tokens, cost) in the 10 s bucket ring."""
+    mt = mc = 0.0
+    for o in range(3, NB * NF, NF):
+        if a[o] > mt:
+            mt = a[o]
+        if a[o + 1] > mc:
+            mc = a[o + 1]
+    return mt, mc
 
 
 def _pend(a: array, mx: int, p: int, s: float, thr: float, decay: float, shift: int) -> None:
