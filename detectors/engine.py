@@ -1381,6 +1381,7 @@ class Engine:
         else:
             s = r
         if failed:
+            s.skipped += 1  # a turn that failed: the next success may add two
             return new_run
         inp = event.input_tokens
         bc = cs.cfg.context_bloat
@@ -1389,10 +1390,13 @@ class Engine:
         # increment several times the usual one is not (e.g. prompts growing
         # ever bigger: token_spike) and restarts the streak
         inc = inp - s.last_input
-        if (s.last_input >= 0 and 0 < inc <= 2 * s.last_input + 4096
-                and (s.grow_n < 2 or inc <= 2.5 * s.grow_inc + 2048)):
+        turns = 1 + s.skipped
+        s.skipped = 0
+        if (s.last_input >= 0 and 0 < inc <= 2 * s.last_input + 4096 * turns
+                and (s.grow_n < 2 or inc <= turns * 2.5 * s.grow_inc + 2048)):
             s.grow_n += 1
-            s.grow_inc = inc if s.grow_n == 1 else 0.7 * s.grow_inc + 0.3 * inc
+            per_turn = inc / turns
+            s.grow_inc = per_turn if s.grow_n == 1 else 0.7 * s.grow_inc + 0.3 * per_turn
             if s.grow_n + 1 >= bc.min_calls:
                 s.flagged |= 8
                 r.flagged |= 8

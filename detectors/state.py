@@ -243,7 +243,7 @@ class RunState:
     """One agent run (trace_id) or session (session_id)."""
 
     __slots__ = ("calls", "consumer", "first_ts", "flagged", "grow_first", "grow_inc", "grow_n",
-                 "ids", "last_input", "last_ts", "model", "tenant", "tokens")
+                 "ids", "last_input", "last_ts", "model", "skipped", "tenant", "tokens")
 
     def __init__(self, consumer: str, tenant: str, ts: float, model: str) -> None:
         self.consumer = consumer
@@ -257,6 +257,7 @@ class RunState:
         self.grow_n = 0
         self.grow_first = 0
         self.grow_inc = 0.0  # EW increment of the input along the streak
+        self.skipped = 0  # failed calls since the last successful one
         self.flagged = 0  # bits: 1 agent_loop, 2 context_bloat, 4 session record, 8 long growth
         self.ids: list[str] = []
 

@@ -127,3 +127,18 @@ def test_context_bloat_needs_steady_growth():
                   input_tokens=(1000 + 200 * k) * (1 if k < 3 else 40), request_hash=f"j{k}")
             for k in range(15)]
     assert first(run(jump), "context_bloat") == []
+
+
+def test_context_bloat_survives_failed_turns():
+    # the history keeps growing while some turns fail (their input unknown, 0)
+    evs = []
+    inp = 1500
+    for k in range(40):
+        d = event(k, T0 + 40 * k, "cf", session_id="s4", input_tokens=inp, request_hash=f"f{k}")
+        if 8 <= k < 20 and k % 3:
+            d.update(status=503, error="upstream_5xx", input_tokens=0, output_tokens=0,
+                     finish_reason="error")
+        evs.append(d)
+        inp += 3200
+    [f] = first(run(evs), "context_bloat")
+    assert f.subject == "s4" and f.evidence["first_input_tokens"] < 20_000
