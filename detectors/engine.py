@@ -64,16 +64,6 @@ from .state import (
 from .volume import (
     BUCKET_S,
     NB,
-    NF,
-    V_THR_C,
-    V_THR_T,
-    V_TOT1,
-    V_TOT5,
-    V_W1,
-    V_W5,
-    V_WC,
-    V_WN,
-    V_WT,
 )
 
 SNAPSHOT_VERSION = 2  # 2: ConsumerState is its Volume; lean per-consumer records
@@ -327,45 +317,8 @@ class Engine:
         # -- token / cost rate on the sliding 60 s window (token_spike, cost_spike)
         if ts // BUCKET_S > cs.b:
             self._roll_volume(cs, int(ts // BUCKET_S), ts)
-        # Volume.add written out: count the call in the current bucket; calls
-        # of one run (trace, else session) count as one independent request
-        i = (cs.b % NB) * NF
-        a[i] += tokens
-        if indep:
-            a[i + 2] += 1.0
-            a[V_WN] += 1.0
-        if tokens > a[i + 3]:
-            a[i + 3] = tokens
-        wt = a[V_WT] + tokens
-        a[V_WT] = wt
-        if cost:
-            a[i + 1] += cost
-            if cost > a[i + 4]:
-                a[i + 4] = cost
-            wc = a[V_WC] + cost
-            a[V_WC] = wc
-        else:
-            wc = a[V_WC]
-        x = tokens + 1.0
-        w = a[V_W1]  # heavy hitters (weighted Misra-Gries, see Volume.add)
-        if src == cs.src1:
-            a[V_W1] = w + x
-        elif w >= x:
-            a[V_W1] = w - x
-        else:
-            cs.src1 = src
-            a[V_W1] = x - w
-        a[V_TOT1] += x
-        w = a[V_W5]
-        if src == cs.src5:
-            a[V_W5] = w + x
-        elif w >= x:
-            a[V_W5] = w - x
-        else:
-            cs.src5 = src
-            a[V_W5] = x - w
-        a[V_TOT5] += x
-        if wt >= a[V_THR_T] or wc >= a[V_THR_C]:
+        # calls of one run (trace, else session) count as one independent request
+        if cs.add(tokens, cost, src, cs.b % NB, indep):
             self._check_volume(cs, ts, event, out)
         return out
 
