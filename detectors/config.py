@@ -73,11 +73,17 @@ class RetryStormConfig:
 
     enabled: bool = True
     tau_s: float = 60.0  # time constant of the decayed counter (all-success rule)
-    # attempts of one request_hash within window_s (failing): 4 retries;
-    # SDK defaults retry 2-3 times, and one more try by the caller is common
-    min_attempts: float = 5.0
+    # attempts of one request_hash within window_s: 3 retries.  SDK defaults
+    # retry twice (OpenAI, Anthropic, LangChain), and one or two retries after
+    # an error are normal; a third is where a storm becomes distinguishable
+    min_attempts: float = 4.0
     window_s: float = 60.0  # sliding window of the same-request rule
-    min_fail_share: float = 0.5  # share of those attempts that failed
+    min_failed: int = 3  # failed attempts among those in the window
+    min_fail_share: float = 0.5  # share of the recent (decayed) attempts that failed
+    # a call whose caller reports this attempt number (from 0) is a storm on
+    # its own: its earlier attempts may not have arrived yet (timeouts are
+    # reported when they end, a minute or two later)
+    attempt_alone: int = 6
     min_attempts_success: float = 30.0  # single caller, same hash, no failures (decayed)
     rate_min_calls: int = 12  # calls per minute (and in the window) for the rate-jump rule
     # failing *distinct* requests per minute, times the consumer's usual calls
@@ -355,6 +361,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "max_cached_share": _SHARE, "min_rate": _SHARE,
     "log10_alpha": (lambda x: x < 0, "must be < 0 (e.g. -7 for 1e-7)"),
     "update_growth": (lambda x: x > 1, "must be > 1"),
+    "min_failed": (lambda x: x >= 1, "must be >= 1"),
+    "attempt_alone": (lambda x: x >= 1, "must be >= 1"),
 }
 
 

@@ -66,7 +66,7 @@ from .volume import (
     NB,
 )
 
-SNAPSHOT_VERSION = 2  # 2: ConsumerState is its Volume; lean per-consumer records
+SNAPSHOT_VERSION = 3  # 2: ConsumerState is its Volume; 3: failed first sightings keep their time
 TICK_S = 15.0
 SWEEP_S = 60.0
 EVICT_SWEEP_S = 600.0
@@ -77,34 +77,37 @@ _NOT_SNAPSHOT = frozenset(("config", "_model_half"))  # the config and values de
 _NO_RUNS = LogBaseline()  # the run-length baseline of a consumer without completed runs
 
 
-def _seen_get(seen: dict[str, Any], rh: str, consumer: str) -> bool | None:
-    """Was request hash ``rh`` of ``consumer`` seen in this generation, and
-    did that call fail (None: not seen)?  The table is keyed by the hash, the
-    value is the consumer's key (a success), a 1-tuple of it (a failure), or
-    for a hash sent by several consumers a dict consumer -> failed; the keys
-    are the events' own strings (no per-event key string is built or kept)."""
+def _seen_get(seen: dict[str, Any], rh: str, consumer: str) -> float | None:
+    """Was request hash ``rh`` of ``consumer`` seen in this generation: None
+    (no), -1.0 (yes, and that call succeeded) or the time that call failed?
+    The table is keyed by the hash, the value is the consumer's key (a
+    success), a (key, time) pair (a failure), or for a hash sent by several
+    consumers a dict consumer -> -1.0 or time; the keys are the events' own
+    strings (no per-event key string is built or kept, and a success, the
+    common case, allocates nothing)."""
     v = seen.get(rh)
     if v is None:
         return None
     if v.__class__ is str:
-        return False if v == consumer else None
+        return -1.0 if v == consumer else None
     if v.__class__ is tuple:
-        return True if v[0] == consumer else None
-    r: bool | None = v.get(consumer)
+        t: float = v[1]
+        return t if v[0] == consumer else None
+    r: float | None = v.get(consumer)
     return r
 
 
-def _seen_put(seen: dict[str, Any], rh: str, consumer: str, failed: bool) -> None:
-    """Record a first sighting (see :func:`_seen_get`)."""
+def _seen_put(seen: dict[str, Any], rh: str, consumer: str, fail_ts: float) -> None:
+    """Record a first sighting (see :func:`_seen_get`; ``fail_ts`` -1.0: it succeeded)."""
     v = seen.get(rh)
     if v is None:
-        seen[rh] = (consumer,) if failed else consumer
+        seen[rh] = (consumer, fail_ts) if fail_ts >= 0.0 else consumer
     elif v.__class__ is dict:
-        v[consumer] = failed
+        v[consumer] = fail_ts
     elif v.__class__ is str:
-        seen[rh] = {v: False, consumer: failed}
+        seen[rh] = {v: -1.0, consumer: fail_ts}
     else:
-        seen[rh] = {v[0]: True, consumer: failed}
+        seen[rh] = {v[0]: v[1], consumer: fail_ts}
 
 
 def _iso(ts: float) -> str:
@@ -199,17 +202,19 @@ class Engine:
             if rs is None:
                 seen = self._seen_cur
                 if rh not in seen and rh not in self._seen_prev:
-                    seen[rh] = (cs.key,) if failed else cs.key  # first sighting (_seen_put)
-                    first_failed = None
+                    seen[rh] = (cs.key, ts) if failed else cs.key  # first sighting (_seen_put)
+                    first = None
                 else:
-                    first_failed = _seen_get(seen, rh, cs.key)
-                    if first_failed is None:
-                        first_failed = _seen_get(self._seen_prev, rh, cs.key)
-                    if first_failed is None:
-                        _seen_put(seen, rh, cs.key, failed)  # first sighting of this consumer
-                if first_failed is not None:
-                    repeat_fail = self._repeat(cs, event, rh, k, rs, ts, failed, out,
-                                               first_failed)
+                    first = _seen_get(seen, rh, cs.key)
+                    if first is None:
+                        first = _seen_get(self._seen_prev, rh, cs.key)
+                    if first is None:  # first sighting of this consumer
+                        _seen_put(seen, rh, cs.key, ts if failed else -1.0)
+                if first is not None:
+                    repeat_fail = self._repeat(cs, event, rh, k, rs, ts, failed, out, first)
+                elif event.attempt is not None and \
+                        event.attempt >= cfg.retry_storm.attempt_alone:
+                    self._repeat(cs, event, rh, k, None, ts, failed, out, None)
             else:
                 repeat_fail = self._repeat(cs, event, rh, k, rs, ts, failed, out)
 
@@ -638,7 +643,10 @@ class Engine:
                 sz[SZ + 1] += a * (var - sz[SZ + 1])
             sz[SZ + 5] = sz[SZ + 6] = sz[SZ + 7] = 0.0
         fc = sz[SZ + 4]
-        if (not tc.enabled or sz[SZ + 2] < tc.size_warmup_min or fc < tc.min_calls
+        # a minute closed this late (the consumer fell silent) is over: any
+        # finding of it would already have resolved
+        if (not tc.enabled or (gap + 1) * 60.0 >= tc.quiet_s
+                or sz[SZ + 2] < tc.size_warmup_min or fc < tc.min_calls
                 or n < tc.min_calls or self._young(cs, ts) == INF):
             return
         # the last ~5 minutes, or (a busy consumer) the minute just closed alone
@@ -646,9 +654,14 @@ class Engine:
         lr = math.log(tc.size_ratio)
         fast = sz[SZ + 3] / fc
         d = fast - sz[SZ]
+        if k == 0 or ml - sz[SZ] < 0.5 * lr:
+            return  # the minute just closed has no bigger calls: over (or stale)
         if d < lr or d < tc.size_z * sd / math.sqrt(fc):
+            # the minute alone, for a busy consumer: call sizes are a mixture
+            # (short chats, long documents) with a heavier tail than the
+            # normal the z-test assumes, so a handful of calls is not enough
             d = ml - sz[SZ]
-            if k < tc.min_calls or d < lr or d < tc.size_z * sd / math.sqrt(k):
+            if k < 2 * tc.min_calls or d < lr or d < tc.size_z * sd / math.sqrt(k):
                 return
             fast = ml
         vol = cs
@@ -985,11 +998,13 @@ class Engine:
     # ------------------------------------------------------------ repeats
     def _repeat(self, cs: ConsumerState, event: UsageEvent, rh: str, k: str,
                 rs: RepeatState | None, ts: float, failed: bool, out: list[Finding],
-                first_failed: bool = False) -> bool:
+                first: float | None = -1.0) -> bool:
         """Track a request_hash seen before (``k``: its key, ``rs``: its
-        tracker if it has one, else ``first_failed``: did its first sighting
-        fail; ``observe`` records first sightings); return True when this
-        call repeats a failing request.
+        tracker if it has one, else ``first``: its first sighting, -1.0 if
+        that call succeeded, else the time it failed; None if this call is
+        the first sighting, tracked because its caller reports a late
+        attempt; ``observe`` records other first sightings); return True when
+        this call repeats a failing request.
 
         retry_storm (hash rule, see :meth:`_storm_check`): the last attempts
         of a repeating request_hash are kept in a tiny ring (created at its
@@ -1009,13 +1024,19 @@ class Engine:
         if rs is None:
             rs = self._repeats[k] = RepeatState(cs.key, rh, ts, event.model,
                                                 (event.user, event.session_id))
-            if first_failed:
+            if first is None:  # no earlier sighting
+                rs.c = 0.0
+                rs.total = 0
+            elif first >= 0.0:
                 rs.f = 1.0
                 rs.total_fail = 1
             if rc.enabled:
-                # the earlier sighting's time is not kept: counted as now
-                rs.win = HashWindow(min(32, max(2, math.ceil(rc.min_attempts))))
-                rs.win.add(ts, first_failed)
+                rs.win = HashWindow(min(32, max(2, math.ceil(rc.min_attempts), rc.min_failed)))
+                if first is not None and first >= 0.0:
+                    # a failed first attempt, at its time; an answered one is
+                    # not an attempt of a retry sequence (what follows is
+                    # asking again), and its time is not kept
+                    rs.win.add(first, True)
         prev_fail = rs.f > 0.5 or rs.total_fail > 0
         dt = ts - rs.t
         if dt > 0:
@@ -1060,7 +1081,7 @@ class Engine:
                            quiet_s=co.quiet_s)
         # the decayed count bounds the window count (c >= n_w / e): cheap pre-check
         if rc.enabled and (rs.c >= 0.36 * rc.min_attempts or rs.c >= rc.min_attempts_success
-                           or (failed and event.attempt is not None
+                           or (event.attempt is not None
                                and event.attempt + 1 >= rc.min_attempts)):
             self._storm_check(cs, rs, event, rh, ts, failed, out)
         return failed and prev_fail
@@ -1068,39 +1089,46 @@ class Engine:
     def _storm_check(self, cs: ConsumerState, rs: RepeatState, event: UsageEvent, rh: str,
                      ts: float, failed: bool, out: list[Finding]) -> None:
         """retry_storm, same-request rule: ``min_attempts`` attempts of one
-        request_hash within ``window_s`` (exact sliding window), at least
-        ``min_fail_share`` of them failed; or a failed call whose caller
-        reports it as attempt ``min_attempts`` or later (``attempt`` counts
-        from 0) of a request that failed before; or ``min_attempts_success``
-        decayed attempts from one caller without failures.  While the model
-        has an open upstream outage the failures are the upstream's: twice
-        the attempts are needed (hammering a failing upstream is still a
-        storm, and the storm is what the block stops)."""
+        request_hash within ``window_s`` (exact sliding window), ``min_failed``
+        of them failed; or a failed call whose caller reports it as attempt
+        ``min_attempts`` or later (``attempt`` counts from 0) of a request
+        that failed before; or any call reported as attempt ``attempt_alone``
+        or later; or ``min_attempts_success`` decayed attempts from one caller
+        without failures.  While the model has an open upstream outage the
+        failures are the upstream's: twice the attempts are needed (hammering
+        a failing upstream is still a storm, and the storm is what the block
+        stops)."""
         rc = cs.cfg.retry_storm
         n_w, f_w = rs.win.count(rc.window_s, ts) if rs.win is not None else (0, 0)
         # the ring holds only the last min_attempts attempts: the share of the
         # decayed counts (all recent attempts) must agree, or one error and its
         # two retries among a popular prompt's many answers would look failing
-        failing = (n_w >= rc.min_attempts and f_w >= rc.min_fail_share * n_w
+        failing = (n_w >= rc.min_attempts and f_w >= rc.min_failed
                    and rs.f >= rc.min_fail_share * rs.c)
-        if (not failing and failed and event.attempt is not None
-                and event.attempt + 1 >= rc.min_attempts and rs.total_fail >= 2):
-            failing = True  # the caller's own retry counter
+        att = event.attempt
+        reported = 0.0  # attempts the caller's own counter vouches for
+        if att is not None and (att >= rc.attempt_alone or (
+                failed and att + 1 >= rc.min_attempts and rs.total_fail >= 2)):
+            reported = att + 1.0
+            failing = True
         if not failing and (rs.mixed or rs.c < rc.min_attempts_success or rs.f > 0.5):
             return
         outage = failing and self._is_open("failure_spike", "model", event.model, "*", ts)
-        if outage and rs.c < 2.0 * rc.min_attempts:
+        if outage and max(rs.c, reported) < 2.0 * rc.min_attempts:
             return
-        fail_share = f_w / n_w if failing else rs.f / rs.c
+        fail_share = (f_w / n_w if n_w else 1.0) if failing else rs.f / rs.c
         self._fire(out, kind="retry_storm", scope="consumer", subject=cs.key,
                    tenant=cs.tenant, consumer=cs.key, model=event.model, ts=ts,
-                   first_ts=rs.first_ts, observed=float(n_w) if failing else rs.c,
+                   first_ts=rs.first_ts,
+                   observed=max(float(n_w), reported) if failing else rs.c,
                    baseline=3.0, threshold=rc.min_attempts if failing
                    else rc.min_attempts_success,
                    severity="warning" if outage else "critical",
                    action="alert" if outage else "block",
                    summary=(f"{cs.key}: request {rh[:16]} sent {rs.total} times "
-                            + (f"({n_w} in the last {rc.window_s:.0f} s), "
+                            + (f"(the caller reports attempt {att}), " if reported
+                               and n_w < rc.min_attempts else
+                               f"({n_w} in the last {rc.window_s:.0f} s), "
                                if failing else f"(~{rs.c:.0f} in the last {rc.tau_s:.0f} s), ")
                             + f"{100 * fail_share:.0f}% failing"
                             + (f", into an upstream outage of {event.model}" if outage else "")),

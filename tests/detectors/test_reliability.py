@@ -102,18 +102,53 @@ def test_rate_jump_with_most_calls_failing_is_a_retry_storm():
     assert not first(fs, "failure_spike"), [f.summary for f in first(fs, "failure_spike")]
 
 
-def test_reported_attempt_counter_fires_at_the_fifth_attempt():
+def test_reported_attempt_counter_fires_at_the_fourth_attempt():
     rng = random.Random(11)
     evs = traffic("a", T0, T0 + 7200, 10.0, rng, err=0.01)
-    t = T0 + 4000  # a slow retry loop: 25 s apart, never 5 attempts within a minute
+    t = T0 + 4000  # a slow retry loop: 25 s apart, never 4 attempts within a minute
     evs += [event(91_000 + k, t + 25 * k, "a", request_hash="slow", status=503,
                   error="upstream_5xx", output_tokens=0, attempt=k) for k in range(8)]
     [f] = first(run(evs), "retry_storm")
-    assert f.detected_at.timestamp() == pytest.approx(t + 100, abs=1)  # attempt 4
-    assert f.evidence["reported_attempt"] == 4 and f.action == "block"
+    assert f.detected_at.timestamp() == pytest.approx(t + 75, abs=1)  # attempt 3, from 0
+    assert f.evidence["reported_attempt"] == 3 and f.action == "block"
     # without the caller's counter the same loop is too slow to call a storm
     quiet = [dict(d, attempt=None) if d.get("request_hash") == "slow" else d for d in evs]
     assert not first(run(quiet), "retry_storm")
+
+
+def test_third_retry_within_a_minute_fires_a_second_does_not():
+    rng = random.Random(13)
+    base = traffic("r", T0, T0 + 7200, 10.0, rng, err=0.01)
+    t = T0 + 4000
+
+    def attempts(n: int, failed: int) -> list[dict]:
+        return [event(92_000 + k, t + 5.0 * k, "r", request_hash="again",
+                      **(dict(status=429, error="rate_limited", output_tokens=0)
+                         if k < failed else {})) for k in range(n)]
+
+    [f] = first(run(base + attempts(4, 3)), "retry_storm")
+    assert f.detected_at.timestamp() == pytest.approx(t + 15, abs=0.01)
+    assert f.evidence["attempts_in_window"] == 4 and f.evidence["failed_in_window"] == 3
+    assert not first(run(base + attempts(3, 3)), "retry_storm")  # two retries
+    assert not first(run(base + attempts(4, 2)), "retry_storm")  # answered, then re-asked
+
+
+def test_a_late_attempt_fires_before_its_earlier_attempts_arrive():
+    # timeouts are reported when they end: the loop's quick success, reported
+    # as attempt 9, arrives before the nine timeouts that preceded it
+    rng = random.Random(14)
+    evs = traffic("q", T0, T0 + 7200, 10.0, rng, err=0.01)
+    t = T0 + 4000
+    evs.append(event(93_000, t, "q", request_hash="stuck", attempt=9))
+    evs += [event(93_001 + k, t + 50 + 2 * k, "q", request_hash="stuck", status=0,
+                  error="timeout", output_tokens=0, attempt=k) for k in range(9)]
+    [f] = first(run(evs), "retry_storm")
+    assert f.detected_at.timestamp() == pytest.approx(t, abs=0.01)
+    assert f.evidence["reported_attempt"] == 9 and "attempt 9" in f.summary
+    # attempt 5 alone is within what some clients are configured to do
+    low = [dict(d, attempt=5) if d["event_id"] == evs[-10]["event_id"] else d for d in evs]
+    fs = first(run(low), "retry_storm")
+    assert fs and fs[0].detected_at.timestamp() > t + 50
 
 
 def test_usual_calls_failing_are_a_failure_spike_not_a_storm():
