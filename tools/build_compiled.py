@@ -69,6 +69,9 @@ def build(force: bool = False) -> int:
     cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(cc) is None:
         return fail(f"no C compiler ({cc!r} not found; Debian: apt-get install gcc)")
+    headers = Path(sysconfig.get_paths()["include"], "Python.h")
+    if not headers.exists():
+        return fail(f"no Python headers ({headers} not found; Debian: apt-get install python3-dev)")
     try:
         import mypy.version
         from mypyc.build import mypycify
