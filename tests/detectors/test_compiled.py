@@ -152,6 +152,16 @@ def test_stale_build_never_runs(build: Path, tmp_path: Path) -> None:
     assert (r.stdout.strip(), r.stderr) == ("interpreted", "")
 
 
+def test_doctests_of_the_sources(build: Path) -> None:
+    """With the build loaded, pytest sees the compiled modules, whose
+    functions and classes carry no collectable doctests: run them on the
+    sources too."""
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "--doctest-modules", "detectors"], cwd=ROOT, env=_env(True),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:]
+
+
 # ------------------------------------------------------ the run, as a script
 def _main(argv: list[str]) -> int:
     """events.pkl out.json [--snapshot-at-half SNAP | --restore SNAP]: run the
