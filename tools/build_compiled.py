@@ -52,8 +52,10 @@ def _spec() -> ModuleType:
 
 
 def fail(msg: str) -> int:
-    print(f"build_compiled: {msg}\nbuild_compiled: the detectors stay pure Python "
-          "(that works, only slower).", file=sys.stderr)
+    usable, _ = _spec().check(PKG)
+    then = ("the previous build, still up to date, stays in use" if usable is not None else
+            "the detectors run as pure Python (that works, only slower)")
+    print(f"build_compiled: {msg}\nbuild_compiled: {then}.", file=sys.stderr)
     return 1
 
 
@@ -66,7 +68,7 @@ def build(force: bool = False) -> int:
     if usable is not None and not force:
         print(f"build_compiled: {build_dir.relative_to(ROOT)} is up to date")
         return 0
-    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(cc) is None:
         return fail(f"no C compiler ({cc!r} not found; Debian: apt-get install gcc)")
     headers = Path(sysconfig.get_paths()["include"], "Python.h")
