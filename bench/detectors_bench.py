@@ -1,6 +1,12 @@
 """Detector cost: microseconds per event and bytes per tracked consumer.
 
     python bench/detectors_bench.py [--hours 1] [--consumers 300] [--runs 5] [--big 100000]
+    python bench/detectors_bench.py --compare [--runs 5]
+
+Every figure names the implementation that ran: ``compiled`` (the mypyc
+build of ``tools/build_compiled.py``) or ``interpreted`` (the sources;
+``TOKENWARD_PURE_PYTHON=1`` forces them).  ``--compare`` times both, each in
+a fresh process, one after the other, and prints the ratio.
 
 us/event: ``Engine.observe`` (plus ``advance`` every 500 events) over
 realistic simulated traffic (``ingest.simulator``), events validated and
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import subprocess
 import sys
@@ -29,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import detectors
 from detectors import Engine
 from ingest.event import UsageEvent
 
@@ -96,6 +104,28 @@ def per_consumer(n: int) -> tuple[float, float, float]:
     return (r1 - r0) / n, (m1 - m0) / n, snap / n
 
 
+def compare(hours: float, consumers: int, runs: int) -> int:
+    """us/event of both implementations, each in a fresh process."""
+    res = {}
+    for name in ("interpreted", "compiled"):
+        env = {k: v for k, v in os.environ.items() if k != "TOKENWARD_PURE_PYTHON"}
+        if name == "interpreted":
+            env["TOKENWARD_PURE_PYTHON"] = "1"
+        r = subprocess.run([sys.executable, __file__, "--timing-only", "--hours", str(hours),
+                            "--consumers", str(consumers), "--runs", str(runs)],
+                           env=env, capture_output=True, text=True, check=True)
+        line = r.stdout.strip().splitlines()[-1]
+        print(line)
+        got = line.split("(", 1)[1].split(")", 1)[0]
+        if got != name:
+            print(f"no {name} run (no usable build? python tools/build_compiled.py); "
+                  f"{r.stderr.strip()}")
+            return 1
+        res[name] = float(line.split("): ", 1)[1].split()[0])
+    print(f"compiled / interpreted: {res['interpreted'] / res['compiled']:.2f}x faster")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hours", type=float, default=1.0)
@@ -105,19 +135,27 @@ def main() -> int:
     ap.add_argument("--gc-freeze", action="store_true",
                     help="also time with the loaded events frozen out of the cyclic GC")
     ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--compare", action="store_true",
+                    help="time the interpreted and the compiled detectors (fresh processes)")
+    ap.add_argument("--timing-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.compare:
+        return compare(a.hours, a.consumers, a.runs)
     if a.memory_only:
         r, t, s = per_consumer(a.big)
-        print(f"state at {a.big} consumers: {r:.0f} bytes/consumer (RSS growth, fresh "
-              f"process), {t:.0f} (tracemalloc, Python objects only), {s:.0f} (snapshot)")
+        print(f"state at {a.big} consumers ({detectors.IMPLEMENTATION}): {r:.0f} bytes/consumer "
+              f"(RSS growth, fresh process), {t:.0f} (tracemalloc, Python objects only), "
+              f"{s:.0f} (snapshot)")
         return 0
     us, n = per_event(a.hours, a.consumers, a.runs)
-    print(f"detectors: {us:.2f} us/event (median of {a.runs} runs over {n} simulated events, "
-          f"{a.consumers} consumers, {a.hours} h)")
+    print(f"detectors ({detectors.IMPLEMENTATION}): {us:.2f} us/event (median of {a.runs} runs "
+          f"over {n} simulated events, {a.consumers} consumers, {a.hours} h)")
+    if a.timing_only:
+        return 0
     if a.gc_freeze:
         us, n = per_event(a.hours, a.consumers, a.runs, freeze=True)
-        print(f"detectors: {us:.2f} us/event with the loaded events frozen out of the GC "
-              f"(gc.freeze)")
+        print(f"detectors ({detectors.IMPLEMENTATION}): {us:.2f} us/event with the loaded "
+              "events frozen out of the GC (gc.freeze)")
     # in a fresh process: after the timing runs, memory the allocator already
     # holds would be reused and the RSS growth would read too low
     return subprocess.call([sys.executable, __file__, "--memory-only", "--big", str(a.big)])

@@ -26,10 +26,13 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar, Final
 
 from river import stats
 
-LN10 = math.log(10.0)
+from .record import Record
+
+LN10: Final = math.log(10.0)
 
 
 def alpha_for_halflife(halflife: float) -> float:
@@ -38,7 +41,7 @@ def alpha_for_halflife(halflife: float) -> float:
     return 1.0 - 0.5 ** (1.0 / max(halflife, 1e-9))
 
 
-class MinuteSeries:
+class MinuteSeries(Record):
     """EW mean and variance of a per-minute total: river's ``EWVar`` for the
     variance; the mean is river's ``EWMean`` recursion (the first value, then
     ``a x + (1 - a) mean``) in a float, one river object per series instead
@@ -46,7 +49,8 @@ class MinuteSeries:
 
     __slots__ = ("_v", "mean", "n")
 
-    MAX_FILL = 240  # empty minutes fed one by one; beyond this the weight is negligible
+    # empty minutes fed one by one; beyond this the weight is negligible
+    MAX_FILL: ClassVar[int] = 240
 
     def __init__(self, halflife_min: float = 60.0, alpha: float | None = None) -> None:
         a = alpha_for_halflife(halflife_min) if alpha is None else alpha
@@ -93,7 +97,7 @@ def minute_sd(v: stats.EWVar) -> float:
     return math.sqrt(max(v.get(), 0.0))
 
 
-class EW:
+class EW(Record):
     """EW mean/variance in two floats (river's ``EWVar`` recursion)."""
 
     __slots__ = ("mean", "var")
@@ -121,7 +125,7 @@ def ew_sd(var: float) -> float:
     return math.sqrt(var) if var > 0 else 0.0
 
 
-class LogBaseline:
+class LogBaseline(Record):
     """Size of one call for a (consumer, model): EW mean/variance of log(x)
     and a decaying maximum (the largest normal call seen lately)."""
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import pickle
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from ingest.event import UsageEvent
 
@@ -66,15 +66,16 @@ from .volume import (
     NB,
 )
 
-SNAPSHOT_VERSION = 3  # 2: ConsumerState is its Volume; 3: failed first sightings keep their time
-TICK_S = 15.0
-SWEEP_S = 60.0
-EVICT_SWEEP_S = 600.0
-LEARN_SAMPLE = 4  # settled (consumer, model) call-size baselines learn from 1 call in 4
-MODEL_SAMPLE = 4  # model-wide call-size baselines learn from one call in this many
-PRIOR_RUN_HI = 30.0  # calls in a long normal agent run (tau-bench: 0-27 tool calls)
-_NOT_SNAPSHOT = frozenset(("config", "_model_half"))  # the config and values derived from it
-_NO_RUNS = LogBaseline()  # the run-length baseline of a consumer without completed runs
+# 2: ConsumerState is its Volume; 3: failed first sightings keep their time
+SNAPSHOT_VERSION: Final = 3
+TICK_S: Final = 15.0
+SWEEP_S: Final = 60.0
+EVICT_SWEEP_S: Final = 600.0
+LEARN_SAMPLE: Final = 4  # settled (consumer, model) call-size baselines learn from 1 call in 4
+MODEL_SAMPLE: Final = 4  # model-wide call-size baselines learn from one call in this many
+PRIOR_RUN_HI: Final = 30.0  # calls in a long normal agent run (tau-bench: 0-27 tool calls)
+_NOT_SNAPSHOT: Final = frozenset(("config", "_model_half"))  # the config and values derived from it
+_NO_RUNS: Final = LogBaseline()  # the run-length baseline of a consumer without completed runs
 
 
 def _seen_get(seen: dict[str, Any], rh: str, consumer: str) -> float | None:
@@ -198,7 +199,7 @@ class Engine:
                 self._seen_cur = {}
                 self._seen_rotate = ts + self.config.engine.repeat_horizon_s / 2.0
             k = cs.key + "\x1f" + rh
-            rs = self._repeats.get(k)
+            rs: RepeatState | None = self._repeats.get(k)
             if rs is None:
                 seen = self._seen_cur
                 if rh not in seen and rh not in self._seen_prev:
@@ -336,7 +337,9 @@ class Engine:
 
     def snapshot(self) -> bytes:
         """The full state, as bytes (pickle; river is pinned)."""
-        state = {k: v for k, v in self.__dict__.items() if k not in _NOT_SNAPSHOT}
+        # compiled (mypyc), the engine has no __dict__: its class lists its attributes
+        names = getattr(type(self), "__mypyc_attrs__", None) or list(self.__dict__)
+        state = {k: getattr(self, k) for k in names if k not in _NOT_SNAPSHOT}
         return pickle.dumps((SNAPSHOT_VERSION, state), protocol=pickle.HIGHEST_PROTOCOL)
 
     @classmethod
@@ -346,7 +349,8 @@ class Engine:
             raise ValueError(f"snapshot version {version} is not supported "
                              f"(expected {SNAPSHOT_VERSION})")
         eng = cls(config)
-        eng.__dict__.update(state)
+        for k, v in state.items():
+            setattr(eng, k, v)
         # settings come from the (possibly new) config, not from the snapshot
         cache: dict[tuple[str, str], Settings] = {}
         for cs in eng._consumers.values():
@@ -502,7 +506,7 @@ class Engine:
                 mean += inc
                 var = (1.0 - ca) * (var + d * inc)
             cs.cpm_mean, cs.cpm_var = mean, var
-        cs.m_tok = 0
+        cs.m_tok = 0.0
         cs.m_cost = 0.0
         cs.m_calls = 0
         cs.m_fail = 0.0
@@ -821,7 +825,7 @@ class Engine:
                 if m2 is not None:
                     fw = m2.failures(cs.key)
                     if fw > best:
-                        best, model, ms = fw, name, m2
+                        best, model, ms = float(fw), name, m2
         outage = self._is_open("failure_spike", "model", model, "*", ts)
         # rate rule
         rate_now = cs.ns * 60.0 / fc.short_tau_s
@@ -1319,8 +1323,8 @@ class Engine:
                 thr_t = max(ac.min_tokens,
                             ac.token_ratio * (cs.run_tok or _NO_RUNS).limit(2.33, 0.1))
             else:
-                thr_c = max(ac.min_calls, ac.guard_calls)
-                thr_t = max(ac.min_tokens, 10 * ac.min_tokens)
+                thr_c = float(max(ac.min_calls, ac.guard_calls))
+                thr_t = float(max(ac.min_tokens, 10 * ac.min_tokens))
             if tid is None:
                 # a session without an agent trace is a conversation: human
                 # turns, judged on a higher floor

@@ -27,19 +27,20 @@ was not touched for its ``quiet_s`` is resolved (``status="resolved"``,
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from .finding import Finding
+from .record import Record
 
-_SEV_RANK = {"info": 0, "warning": 1, "critical": 2}
-_ACT_RANK = {"none": 0, "alert": 1, "block": 2}
+_SEV_RANK: Final = {"info": 0, "warning": 1, "critical": 2}
+_ACT_RANK: Final = {"none": 0, "alert": 1, "block": 2}
 
 
 def dt(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
-class Episode:
+class Episode(Record):
     __slots__ = ("action", "baseline", "consumer", "detected_ts", "evidence", "finding_id",
                  "first_ts", "kind", "last_emit_obs", "last_emit_ts", "last_touch", "model",
                  "observed", "peak", "quiet_s", "revision", "scope", "severity", "subject",

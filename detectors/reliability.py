@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import math
 from array import array
+from typing import Final
 
-LN10 = math.log(10.0)
+from .record import Record
+
+LN10: Final = math.log(10.0)
 
 # status classes of a failed call
-CLIENT = 1  # 4xx except 408 / 429: the caller's own problem (auth, bad request, ...)
-UPSTREAM = 2  # 5xx, 429, 408, no answer (timeout, connect error): the provider's
+CLIENT: Final = 1  # 4xx except 408 / 429: the caller's own problem (auth, bad request, ...)
+UPSTREAM: Final = 2  # 5xx, 429, 408, no answer (timeout, connect error): the provider's
 
 
 def failure_class(status: int, error: str | None) -> int:
@@ -70,7 +73,7 @@ def log10_binom_tail(f: int, n: int, p: float) -> float:
     return v if v < 0.0 else 0.0
 
 
-class FailWindow:
+class FailWindow(Record):
     """The last ``k`` counted failures of one consumer: time (ms) and the
     consumer's call counter at that failure, in two ``array('q')`` rings.
     Windows are anchored at past failures: the calls after the j-th latest
@@ -170,7 +173,7 @@ class FailWindow:
         return c / (j + 1)
 
 
-class HashWindow:
+class HashWindow(Record):
     """The last ``k`` attempts of one request_hash: time in ms, negative for a
     failed attempt (``array('q')`` ring)."""
 

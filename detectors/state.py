@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 from array import array
-from typing import Any
+from typing import Any, Final
 
+from mypy_extensions import mypyc_attr
 from river import stats
 
 from .baselines import (
@@ -24,35 +25,33 @@ from .baselines import (
     minute_update,
 )
 from .config import Settings
+from .record import Record
 from .reliability import FailWindow, HashWindow
 from .volume import VSIZE, Volume
 
-INF = float("inf")
+INF: Final = float("inf")
 
 # the consumer's float figures, after the Volume's in its array (a float
 # object per figure would cost three times as much)
-(FIRST_TS, LAST_TS, M_TOK, M_COST, CPM_MEAN, CPM_VAR, NS, FS, NL, FL, F_BASE, N_BASE,
- TOK_MEAN, M_FAIL) = range(VSIZE, VSIZE + 14)
+FIRST_TS: Final = VSIZE + 0
+LAST_TS: Final = VSIZE + 1
+M_TOK: Final = VSIZE + 2
+M_COST: Final = VSIZE + 3
+CPM_MEAN: Final = VSIZE + 4
+CPM_VAR: Final = VSIZE + 5
+NS: Final = VSIZE + 6
+FS: Final = VSIZE + 7
+NL: Final = VSIZE + 8
+FL: Final = VSIZE + 9
+F_BASE: Final = VSIZE + 10
+N_BASE: Final = VSIZE + 11
+TOK_MEAN: Final = VSIZE + 12
+M_FAIL: Final = VSIZE + 13
 # log input tokens of independent calls (token_spike, call-size rule): slow
 # per-minute EW mean and per-call variance, minutes learnt, a fast decayed sum
 # and count (~5 min), the current minute's sum, sum of squares and count
-SZ = VSIZE + 14
-CSIZE = SZ + 8
-
-
-class _Field:
-    """A float figure of a :class:`ConsumerState`, stored in its array."""
-
-    __slots__ = ("i",)
-
-    def __init__(self, i: int) -> None:
-        self.i = i
-
-    def __get__(self, obj: Volume, cls: Any = None) -> float:
-        return obj.a[self.i]
-
-    def __set__(self, obj: Volume, v: float) -> None:
-        obj.a[self.i] = v
+SZ: Final = VSIZE + 14
+CSIZE: Final = SZ + 8
 
 
 class ConsumerState(Volume):
@@ -76,22 +75,125 @@ class ConsumerState(Volume):
         "tok_v",
     )
 
-    first_ts = _Field(FIRST_TS)
-    last_ts = _Field(LAST_TS)  # also the time the decayed failure counts refer to
-    m_tok = _Field(M_TOK)  # current minute's tokens (whole numbers) and cost
-    m_cost = _Field(M_COST)
-    cpm_mean = _Field(CPM_MEAN)  # calls / minute: EW mean and variance (see baselines.EW)
-    cpm_var = _Field(CPM_VAR)
+    @property
+    def first_ts(self) -> float:
+        return self.a[FIRST_TS]
+
+    @first_ts.setter
+    def first_ts(self, v: float) -> None:
+        self.a[FIRST_TS] = v
+
+    # also the time the decayed failure counts refer to
+    @property
+    def last_ts(self) -> float:
+        return self.a[LAST_TS]
+
+    @last_ts.setter
+    def last_ts(self, v: float) -> None:
+        self.a[LAST_TS] = v
+
+    # current minute's tokens (whole numbers) and cost
+    @property
+    def m_tok(self) -> float:
+        return self.a[M_TOK]
+
+    @m_tok.setter
+    def m_tok(self, v: float) -> None:
+        self.a[M_TOK] = v
+
+    @property
+    def m_cost(self) -> float:
+        return self.a[M_COST]
+
+    @m_cost.setter
+    def m_cost(self, v: float) -> None:
+        self.a[M_COST] = v
+
+    # calls / minute: EW mean and variance (see baselines.EW)
+    @property
+    def cpm_mean(self) -> float:
+        return self.a[CPM_MEAN]
+
+    @cpm_mean.setter
+    def cpm_mean(self, v: float) -> None:
+        self.a[CPM_MEAN] = v
+
+    @property
+    def cpm_var(self) -> float:
+        return self.a[CPM_VAR]
+
+    @cpm_var.setter
+    def cpm_var(self, v: float) -> None:
+        self.a[CPM_VAR] = v
+
     # failures: decayed counts (short and long window) and a slow baseline (EW
     # failures / calls, counts with a half-life in calls)
-    ns = _Field(NS)
-    fs = _Field(FS)
-    nl = _Field(NL)
-    fl = _Field(FL)
-    f_base = _Field(F_BASE)
-    n_base = _Field(N_BASE)
-    tok_mean = _Field(TOK_MEAN)  # tokens / minute, EW mean (the variance: river, tok_v)
-    m_fail = _Field(M_FAIL)  # current minute's failed distinct requests
+    @property
+    def ns(self) -> float:
+        return self.a[NS]
+
+    @ns.setter
+    def ns(self, v: float) -> None:
+        self.a[NS] = v
+
+    @property
+    def fs(self) -> float:
+        return self.a[FS]
+
+    @fs.setter
+    def fs(self, v: float) -> None:
+        self.a[FS] = v
+
+    @property
+    def nl(self) -> float:
+        return self.a[NL]
+
+    @nl.setter
+    def nl(self, v: float) -> None:
+        self.a[NL] = v
+
+    @property
+    def fl(self) -> float:
+        return self.a[FL]
+
+    @fl.setter
+    def fl(self, v: float) -> None:
+        self.a[FL] = v
+
+    @property
+    def f_base(self) -> float:
+        return self.a[F_BASE]
+
+    @f_base.setter
+    def f_base(self, v: float) -> None:
+        self.a[F_BASE] = v
+
+    @property
+    def n_base(self) -> float:
+        return self.a[N_BASE]
+
+    @n_base.setter
+    def n_base(self, v: float) -> None:
+        self.a[N_BASE] = v
+
+    # tokens / minute, EW mean (the variance: river, tok_v)
+    @property
+    def tok_mean(self) -> float:
+        return self.a[TOK_MEAN]
+
+    @tok_mean.setter
+    def tok_mean(self, v: float) -> None:
+        self.a[TOK_MEAN] = v
+
+    # current minute's failed distinct requests
+    @property
+    def m_fail(self) -> float:
+        return self.a[M_FAIL]
+
+    @m_fail.setter
+    def m_fail(self, v: float) -> None:
+        self.a[M_FAIL] = v
+
 
     def __init__(self, key: str, tenant: str, cfg: Settings, ts: float,
                  tok_alpha: float | None = None) -> None:
@@ -179,14 +281,17 @@ class ConsumerState(Volume):
 
 # ModelCallBaseline layout: two LogBaseline-like records (log mean, log
 # variance, recent max, count) and a flag
-THINK = 0  # reasoning tokens (or output tokens without reasoning)
-LAT = 4  # seconds
-RMAX = 2  # offset of the recent maximum in a record
-N = 3  # offset of the count
-HAS_R = 8  # 1.0 once the model reported reasoning tokens
-_MCB_ZEROS = array("d", (0.0,)) * 9
+THINK: Final = 0  # reasoning tokens (or output tokens without reasoning)
+LAT: Final = 4  # seconds
+RMAX: Final = 2  # offset of the recent maximum in a record
+N: Final = 3  # offset of the count
+HAS_R: Final = 8  # 1.0 once the model reported reasoning tokens
+_MCB_ZEROS: Final = array("d", (0.0,)) * 9
 
 
+# an array subclass cannot be a mypyc native class: compiled, it stays a
+# Python class (its methods are compiled)
+@mypyc_attr(native_class=False)
 class ModelCallBaseline(array):
     """Size and duration of one call, for one (consumer, model) or one model:
     :class:`~detectors.baselines.LogBaseline` records (same recursion) of the
@@ -209,10 +314,6 @@ class ModelCallBaseline(array):
     @property
     def has_reasoning(self) -> bool:
         return self[HAS_R] != 0.0
-
-    @has_reasoning.setter
-    def has_reasoning(self, v: bool) -> None:
-        self[HAS_R] = 1.0 if v else 0.0
 
     def update(self, o: int, x: float, a: float, decay: float) -> None:
         """:meth:`LogBaseline.update` of the record at ``o``."""
@@ -239,7 +340,7 @@ class ModelCallBaseline(array):
         return math.expm1(self[o])
 
 
-class RunState:
+class RunState(Record):
     """One agent run (trace_id) or session (session_id)."""
 
     __slots__ = ("calls", "consumer", "first_ts", "flagged", "grow_first", "grow_inc", "grow_n",
@@ -262,7 +363,7 @@ class RunState:
         self.ids: list[str] = []
 
 
-class RepeatState:
+class RepeatState(Record):
     """A request_hash of one consumer that was seen more than once recently."""
 
     __slots__ = (
@@ -303,7 +404,7 @@ class RepeatState:
         self.win: HashWindow | None = None  # last attempts (retry_storm), lazily
 
 
-class ModelState:
+class ModelState(Record):
     """Failure statistics of one model across all its consumers, in two
     buckets of ``model_window_s / 2`` (current and previous), per consumer:
     calls (consumer -> count) and failures (only consumers that failed)."""

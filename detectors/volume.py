@@ -38,42 +38,63 @@ True
 from __future__ import annotations
 
 from array import array
+from typing import Final
 
-BUCKET_S = 10.0
-NB = 6  # 10 s buckets in the 60 s window
-NM = 5  # closed minutes in the 5 min window
-NF = 5  # fields per bucket / minute: tokens, cost, calls, largest call tokens, largest cost
-_MIN0 = NB * NF  # first index of the minute ring
+from .record import Record
+
+BUCKET_S: Final = 10.0
+NB: Final = 6  # 10 s buckets in the 60 s window
+NM: Final = 5  # closed minutes in the 5 min window
+NF: Final = 5  # fields per bucket / minute: tokens, cost, calls, largest call tokens, largest cost
+_MIN0: Final = NB * NF  # first index of the minute ring
 # baselines, after the two rings
-_MEAN_T = _MIN0 + NM * NF  # EW mean of tokens per 10 s bucket
-_MEAN_C = _MEAN_T + 1  # EW mean of cost per 10 s bucket
-_MAX1_T = _MEAN_T + 2  # decaying max of the trimmed 60 s window (normal windows only)
-_MAX1_C = _MEAN_T + 3
-_MAX5_T = _MEAN_T + 4  # decaying max of the trimmed 5 min window
-_MAX5_C = _MEAN_T + 5
+_MEAN_T: Final = _MIN0 + NM * NF  # EW mean of tokens per 10 s bucket
+_MEAN_C: Final = _MEAN_T + 1  # EW mean of cost per 10 s bucket
+_MAX1_T: Final = _MEAN_T + 2  # decaying max of the trimmed 60 s window (normal windows only)
+_MAX1_C: Final = _MEAN_T + 3
+_MAX5_T: Final = _MEAN_T + 4  # decaying max of the trimmed 5 min window
+_MAX5_C: Final = _MEAN_T + 5
 # windows wait before they teach the maximum (so that a rise is tested
 # against windows from before it): the largest of the current and of the
 # previous minute (5 min block) are pending; a minute (block) later they count
-_P1_T = _MEAN_T + 6  # pending, 60 s windows: tokens current, previous; cost current, previous
-_P5_T = _MEAN_T + 10  # same, 5 min windows
-_P_END = _MEAN_T + 14
+# pending, 60 s windows: tokens current, previous; cost current, previous
+_P1_T: Final = _MEAN_T + 6
+_P5_T: Final = _MEAN_T + 10  # same, 5 min windows
+_P_END: Final = _MEAN_T + 14
 # the window's running figures (floats in the array rather than float objects:
 # memory is per consumer): 60 s window tokens, cost, independent calls; the
 # pre-filter thresholds of the current bucket (tokens, cost, cost volume); the
 # heavy-hitter weights and decayed totals (60 s, 5 min)
-_WT, _WC, _WN, _THR_T, _THR_C, _THR_CF, _W1, _TOT1, _W5, _TOT5 = range(_P_END, _P_END + 10)
-VSIZE = _P_END + 10  # the Volume's part of the array (a subclass may append fields)
+_WT: Final = _P_END + 0
+_WC: Final = _P_END + 1
+_WN: Final = _P_END + 2
+_THR_T: Final = _P_END + 3
+_THR_C: Final = _P_END + 4
+_THR_CF: Final = _P_END + 5
+_W1: Final = _P_END + 6
+_TOT1: Final = _P_END + 7
+_W5: Final = _P_END + 8
+_TOT5: Final = _P_END + 9
+VSIZE: Final = _P_END + 10  # the Volume's part of the array (a subclass may append fields)
 # for code that writes Volume.add out (the engine)
-V_WT, V_WC, V_WN, V_THR_T, V_THR_C = _WT, _WC, _WN, _THR_T, _THR_C
-V_W1, V_TOT1, V_W5, V_TOT5 = _W1, _TOT1, _W5, _TOT5
-DOM_SHARE = 0.3  # a source with at least this share of the decayed window (lower bound) dominates
-D1 = 0.5 ** (BUCKET_S / 30.0)  # 60 s tracker: weights halve in 30 s
-D5 = 0.5 ** (60.0 / 150.0)  # 5 min tracker: weights halve in 150 s (decayed per minute)
-INF = float("inf")
-_ZEROS = (0.0,)
+V_WT: Final = _WT
+V_WC: Final = _WC
+V_WN: Final = _WN
+V_THR_T: Final = _THR_T
+V_THR_C: Final = _THR_C
+V_W1: Final = _W1
+V_TOT1: Final = _TOT1
+V_W5: Final = _W5
+V_TOT5: Final = _TOT5
+# a source with at least this share of the decayed window (lower bound) dominates
+DOM_SHARE: Final = 0.3
+D1: Final = 0.5 ** (BUCKET_S / 30.0)  # 60 s tracker: weights halve in 30 s
+D5: Final = 0.5 ** (60.0 / 150.0)  # 5 min tracker: weights halve in 150 s (decayed per minute)
+INF: Final = float("inf")
+_ZEROS: Final = (0.0,)
 
 
-class Volume:
+class Volume(Record):
     """Per-consumer rate windows (see the module doc)."""
 
     __slots__ = ("a", "b", "hits5", "m", "n", "src1", "src5")
