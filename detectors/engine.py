@@ -110,6 +110,15 @@ def _seen_put(seen: dict[str, Any], rh: str, consumer: str, fail_ts: float) -> N
         seen[rh] = {v[0]: v[1], consumer: fail_ts}
 
 
+def _spread(st: float, second: float, thr: float, n: float) -> bool:
+    """token_spike: is a trimmed window's excess spread over its calls?  Left
+    without its second largest call too (``second``, a lower bound of it), the
+    window must still reach the threshold's share of its ``n - 2`` remaining
+    calls: two big calls of a heavy-tailed consumer are no more a rate change
+    than one, while a rate change lifts every call (or their number)."""
+    return n <= 2.0 or st - second >= thr * (n - 2.0) / (n - 1.0)
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat()
 
@@ -576,7 +585,8 @@ class Engine:
             if sc >= thr and n >= cc.min_calls:
                 self._rule_cost_spike(cs, ts, event, out, sustained=False, obs=sc,
                                       thr=thr, calls=n)
-        elif st >= vol.thr_t and n >= tc.window_min_calls:
+        elif (st >= vol.thr_t and n >= tc.window_min_calls
+              and _spread(st, vol.second1(), vol.thr_t, n)):
             self._rule_token_spike(cs, ts, event, out, sustained=False, obs=st, thr=vol.thr_t,
                                    calls=n)
 
@@ -600,7 +610,8 @@ class Engine:
             tot_t = st + 1.0
             pricey = bp > 0 and sc >= cc.price_ratio * bp * tot_t
             hit_c = pricey and sc >= thr_c and n >= cc.min_calls and cc.enabled
-            hit_t = not pricey and st >= thr_t and n >= tc.min_calls and tc.enabled
+            hit_t = (not pricey and st >= thr_t and n >= tc.min_calls and tc.enabled
+                     and _spread(st, vol.second5(), thr_t, n))
         h = vol.hits5
         h = (h & 7) + 1 if hit_t else h & ~7
         h = ((h >> 3) + 1) << 3 | (h & 7) if hit_c else h & 7

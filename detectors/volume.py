@@ -144,6 +144,31 @@ class Volume:
         a = self.a
         return a[_W5] >= DOM_SHARE * a[_TOT5]
 
+    def second1(self) -> float:
+        """A lower bound of the second largest call's tokens in the 60 s
+        window: the second largest of the buckets' largest calls."""
+        a = self.a
+        m1 = m2 = 0.0
+        for o in range(3, NB * NF, NF):
+            x = a[o]
+            if x > m1:
+                m1, m2 = x, m1
+            elif x > m2:
+                m2 = x
+        return m2
+
+    def second5(self) -> float:
+        """The same for the 5 min window (of the minutes' largest calls)."""
+        a = self.a
+        m1 = m2 = 0.0
+        for o in range(_MIN0 + 3, _MIN0 + NM * NF, NF):
+            x = a[o]
+            if x > m1:
+                m1, m2 = x, m1
+            elif x > m2:
+                m2 = x
+        return m2
+
     def largest1(self, slot: int) -> tuple[float, float]:
         """The largest call (tokens, cost) in the 60 s window (``slot``: the
         current bucket's; every bucket of the ring is in the window)."""
