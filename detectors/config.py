@@ -143,6 +143,9 @@ class TokenSpikeConfig:
     sustained_min_tokens_per_min: float = 10000.0  # 5 min window: floor per minute
     sustained_ratio: float = 4.0  # 5 min window: times its EW mean
     sustained_ratio_to_recent_max: float = 4.0  # ... and times the largest recent normal one
+    # both windows: the second largest call (the largest is left out) at most
+    # this share of the excess over the EW mean (two big calls are no rate change)
+    spread_share: float = 1.0 / 3.0
     # call-size rule (prompts suddenly bigger): the recent calls' geometric
     # mean input (~5 min) this many times the consumer's usual one ...
     size_ratio: float = 6.0
@@ -358,7 +361,7 @@ _RULES: dict[str, tuple[Any, str]] = {
         lambda x: 0.0 < x < 1.0, "must be strictly between 0 and 1"),
     "client_prior_rate": (lambda x: 0.0 < x < 1.0, "must be strictly between 0 and 1"),
     "model_min_consumer_share": _SHARE, "length_reasoning_share": _SHARE,
-    "max_cached_share": _SHARE, "min_rate": _SHARE,
+    "max_cached_share": _SHARE, "min_rate": _SHARE, "spread_share": _SHARE,
     "log10_alpha": (lambda x: x < 0, "must be < 0 (e.g. -7 for 1e-7)"),
     "update_growth": (lambda x: x > 1, "must be > 1"),
     "min_failed": (lambda x: x >= 1, "must be >= 1"),

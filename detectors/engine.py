@@ -66,8 +66,9 @@ from .volume import (
     NB,
 )
 
-# 2: ConsumerState is its Volume; 3: failed first sightings keep their time
-SNAPSHOT_VERSION: Final = 3
+# 2: ConsumerState is its Volume; 3: failed first sightings keep their time;
+# 4: rate windows keep their second largest call
+SNAPSHOT_VERSION: Final = 4
 TICK_S: Final = 15.0
 SWEEP_S: Final = 60.0
 EVICT_SWEEP_S: Final = 600.0
@@ -109,6 +110,15 @@ def _seen_put(seen: dict[str, Any], rh: str, consumer: str, fail_ts: float) -> N
         seen[rh] = {v: -1.0, consumer: fail_ts}
     else:
         seen[rh] = {v[0]: v[1], consumer: fail_ts}
+
+
+def _spread(st: float, second: float, base: float, share: float) -> bool:
+    """token_spike: is a trimmed window's excess spread over its calls?  The
+    window's second largest call (its largest is already left out) carries at
+    most ``share`` of the excess over the window's EW mean ``base``: two big
+    calls of a heavy-tailed consumer are no more a rate change than one,
+    while a rate change lifts many calls (or their number)."""
+    return second <= share * (st - base)
 
 
 def _iso(ts: float) -> str:
@@ -580,7 +590,8 @@ class Engine:
             if sc >= thr and n >= cc.min_calls:
                 self._rule_cost_spike(cs, ts, event, out, sustained=False, obs=sc,
                                       thr=thr, calls=n)
-        elif st >= vol.thr_t and n >= tc.window_min_calls:
+        elif (st >= vol.thr_t and n >= tc.window_min_calls
+              and _spread(st, vol.second1(), NB * vol.mean_t, tc.spread_share)):
             self._rule_token_spike(cs, ts, event, out, sustained=False, obs=st, thr=vol.thr_t,
                                    calls=n)
 
@@ -604,7 +615,9 @@ class Engine:
             tot_t = st + 1.0
             pricey = bp > 0 and sc >= cc.price_ratio * bp * tot_t
             hit_c = pricey and sc >= thr_c and n >= cc.min_calls and cc.enabled
-            hit_t = not pricey and st >= thr_t and n >= tc.min_calls and tc.enabled
+            hit_t = (not pricey and st >= thr_t and n >= tc.min_calls and tc.enabled
+                     and _spread(st, vol.second5(), 5.0 * per_min * vol.mean_t,
+                                 tc.spread_share))
         h = vol.hits5
         h = (h & 7) + 1 if hit_t else h & ~7
         h = ((h >> 3) + 1) << 3 | (h & 7) if hit_c else h & 7

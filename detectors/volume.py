@@ -4,8 +4,9 @@ baselines and source attribution, in a few hundred bytes per consumer.
 A token (or cost) spike is a sustained change of the consumption *rate*, not
 one big call.  Per consumer, :class:`Volume` keeps
 
-* a sliding **60 s window** (six 10 s buckets of tokens, cost, calls and the
-  largest call's tokens and cost), tested on every event, so that a x5-x50
+* a sliding **60 s window** (six 10 s buckets of tokens, cost, calls, the
+  largest call's tokens and cost and the second largest call's tokens),
+  tested on every event, so that a x5-x50
   step is seen within a minute;
 * a **5 min window** (five closed minutes, same fields), tested when a
   minute closes, for slower ramps and small consumers (two consecutive
@@ -24,7 +25,9 @@ one big call.  Per consumer, :class:`Volume` keeps
 A window fires when its trimmed total (largest call removed) is at least
 max(floor, ratio x EW mean, ratio_to_recent_max x recent normal maximum),
 it has ``min_calls`` calls and no single source dominates it.  token_spike
-also requires the cost per token to be near its baseline (a change of price
+also requires the excess to be spread over the calls (the second largest
+call at most ``spread_share`` of the excess over the EW mean) and the
+cost per token to be near its baseline (a change of price
 mix is cost_spike's); cost_spike requires it to be ``price_ratio`` x the
 baseline (more cost than the token volume explains).
 
@@ -45,7 +48,8 @@ from .record import Record
 BUCKET_S: Final = 10.0
 NB: Final = 6  # 10 s buckets in the 60 s window
 NM: Final = 5  # closed minutes in the 5 min window
-NF: Final = 5  # fields per bucket / minute: tokens, cost, calls, largest call tokens, largest cost
+NF: Final = 6  # fields per bucket / minute: tokens, cost, calls, largest call tokens, largest cost,
+# second largest call tokens
 _MIN0: Final = NB * NF  # first index of the minute ring
 # baselines, after the two rings
 _MEAN_T: Final = _MIN0 + NM * NF  # EW mean of tokens per 10 s bucket
@@ -122,8 +126,12 @@ class Volume(Record):
         if indep:
             a[i + 2] += 1.0
             a[_WN] += 1.0
-        if tokens > a[i + 3]:
-            a[i + 3] = tokens
+        if tokens > a[i + 5]:  # the two largest calls
+            if tokens > a[i + 3]:
+                a[i + 5] = a[i + 3]
+                a[i + 3] = tokens
+            else:
+                a[i + 5] = tokens
         wt = a[_WT] + tokens
         a[_WT] = wt
         if cost:  # adding 0.0 changes nothing
@@ -165,6 +173,14 @@ class Volume(Record):
         a = self.a
         return a[_W5] >= DOM_SHARE * a[_TOT5]
 
+    def second1(self) -> float:
+        """The second largest call's tokens in the 60 s window."""
+        return _second(self.a, 0, NB)
+
+    def second5(self) -> float:
+        """The second largest call's tokens in the 5 min window."""
+        return _second(self.a, _MIN0, NM)
+
     def largest1(self, slot: int) -> tuple[float, float]:
         """The largest call (tokens, cost) in the 60 s window (``slot``: the
         current bucket's; every bucket of the ring is in the window)."""
@@ -205,7 +221,7 @@ class Volume(Record):
         # empty the buckets that are reused, recompute the window's sums
         for j in range(1, min(k, NB) + 1):
             o = ((self.b + j) % NB) * NF
-            a[o] = a[o + 1] = a[o + 2] = a[o + 3] = a[o + 4] = 0.0
+            a[o] = a[o + 1] = a[o + 2] = a[o + 3] = a[o + 4] = a[o + 5] = 0.0
         self.b = b
         wt = wc = wn = 0.0
         for s_ in range(NB):
@@ -232,16 +248,15 @@ class Volume(Record):
         a = self.a
         j = _MIN0 + (self.m % NM) * NF
         a[j], a[j + 1] = tokens, cost
-        n = mt = mc = 0.0
+        n = mt = mc = m2 = 0.0
         if self.b // NB == self.m:
             for s_ in range(self.b % NB + 1):
                 o = s_ * NF
                 n += a[o + 2]
-                if a[o + 3] > mt:
-                    mt = a[o + 3]
+                mt, m2 = _top2(mt, m2, a[o + 3], a[o + 5])
                 if a[o + 4] > mc:
                     mc = a[o + 4]
-        a[j + 2], a[j + 3], a[j + 4] = n, mt, mc
+        a[j + 2], a[j + 3], a[j + 4], a[j + 5] = n, mt, mc, m2
         wt = wc = wn = mt = mc = 0.0
         for s_ in range(NM):
             o = _MIN0 + s_ * NF
@@ -275,7 +290,7 @@ class Volume(Record):
             a[_P5_T + 2] = a[_P5_T + 3] = 0.0
         for q in range(1, min(k, NM) + 1):
             o = _MIN0 + ((self.m + q) % NM) * NF
-            a[o] = a[o + 1] = a[o + 2] = a[o + 3] = a[o + 4] = 0.0
+            a[o] = a[o + 1] = a[o + 2] = a[o + 3] = a[o + 4] = a[o + 5] = 0.0
         self.m = m
         g = D5 ** min(k, 100)
         a[_W5] *= g
@@ -350,6 +365,21 @@ def _largest(a: array) -> tuple[float, float]:
         if a[o + 1] > mc:
             mc = a[o + 1]
     return mt, mc
+
+
+def _top2(m1: float, m2: float, x1: float, x2: float) -> tuple[float, float]:
+    """The two largest of (m1 >= m2) and (x1 >= x2)."""
+    if x1 > m1:
+        return x1, (m1 if m1 > x2 else x2)
+    return m1, (x1 if x1 > m2 else m2)
+
+
+def _second(a: array, o0: int, k: int) -> float:
+    """The second largest call of ``k`` buckets (minutes) from ``a[o0]``."""
+    m1 = m2 = 0.0
+    for o in range(o0, o0 + k * NF, NF):
+        m1, m2 = _top2(m1, m2, a[o + 3], a[o + 5])
+    return m2
 
 
 def _pend(a: array, mx: int, p: int, s: float, thr: float, decay: float, shift: int) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from detectors import DetectorConfig, Engine
 from detectors.volume import Volume
 
@@ -142,3 +144,37 @@ def test_context_bloat_survives_failed_turns():
         inp += 3200
     [f] = first(run(evs), "context_bloat")
     assert f.subject == "s4" and f.evidence["first_input_tokens"] < 20_000
+
+
+def test_two_big_calls_in_a_burst_are_no_rate_change():
+    # a consumer of 1-2 small calls a minute; then a minute of 9 calls
+    def quiet(consumer: str) -> list[dict]:
+        rng = random.Random(3)
+        return [event(m * 10 + k, T0 + 60 * m + 20 * k + rng.random() * 10, consumer,
+                      input_tokens=int(rng.lognormvariate(0, 0.5) * 1200), output_tokens=100,
+                      request_hash=f"{consumer}{m}-{k}")
+                for m in range(150) for k in range(rng.randint(1, 2))]
+
+    t = T0 + 150 * 60
+    # two big calls (different 10 s buckets) and seven small ones: the window
+    # without its largest call is over the floor, but only by the second one
+    two = quiet("two") + [
+        event(90_000 + k, t + 6 * k, "two", output_tokens=100, request_hash=f"t{k}",
+              input_tokens=(40_000 if k == 0 else 30_000 if k == 3 else 800))
+        for k in range(9)]
+    assert first(run(two), "token_spike") == []
+    # the same with both big calls in one 10 s bucket
+    two = quiet("two") + [
+        event(90_000 + k, t + (1 + k if k < 2 else 6 * k), "two", output_tokens=100,
+              request_hash=f"t{k}", input_tokens=(40_000 if k == 0 else 30_000 if k == 1
+                                                  else 800))
+        for k in range(9)]
+    assert first(run(two), "token_spike") == []
+    # nine calls all five times the usual size: the excess is spread over them
+    spread = quiet("spread") + [
+        event(90_000 + k, t + 6 * k, "spread", output_tokens=100, request_hash=f"s{k}",
+              input_tokens=6000) for k in range(9)]
+    fs = first(run(spread), "token_spike")
+    assert fs and fs[0].detected_at.timestamp() - t <= 60
+    with pytest.raises(ValueError, match="spread_share"):
+        DetectorConfig.from_dict({"token_spike": {"spread_share": 1.5}})
