@@ -1119,9 +1119,13 @@ class Engine:
         n_w, f_w = rs.win.count(rc.window_s, ts) if rs.win is not None else (0, 0)
         # the ring holds only the last min_attempts attempts: the share of the
         # decayed counts (all recent attempts) must agree, or one error and its
-        # two retries among a popular prompt's many answers would look failing
+        # two retries among a popular prompt's many answers would look failing;
+        # an answered call its caller reports as a first attempt (0) is someone
+        # asking the popular prompt afresh after an error and its two retries,
+        # not a third retry
         failing = (n_w >= rc.min_attempts and f_w >= rc.min_failed
-                   and rs.f >= rc.min_fail_share * rs.c)
+                   and rs.f >= rc.min_fail_share * rs.c
+                   and (failed or event.attempt != 0))
         att = event.attempt
         reported = 0.0  # attempts the caller's own counter vouches for
         if att is not None and (att >= rc.attempt_alone or (

@@ -131,6 +131,13 @@ def test_third_retry_within_a_minute_fires_a_second_does_not():
     assert f.evidence["attempts_in_window"] == 4 and f.evidence["failed_in_window"] == 3
     assert not first(run(base + attempts(3, 3)), "retry_storm")  # two retries
     assert not first(run(base + attempts(4, 2)), "retry_storm")  # answered, then re-asked
+    # an error, two retries, then the same prompt asked afresh (attempt 0) and
+    # answered: no third retry; a fourth failure would be
+    fresh = attempts(4, 3)
+    fresh[3]["attempt"] = 0
+    assert not first(run(base + fresh), "retry_storm")
+    fresh[3].update(status=429, error="rate_limited", output_tokens=0)
+    assert first(run(base + fresh), "retry_storm")
 
 
 def test_a_late_attempt_fires_before_its_earlier_attempts_arrive():
