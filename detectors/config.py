@@ -54,7 +54,10 @@ class RunawayConfig:
     ratio_to_mean: float = 6.0  # and this many times the geometric mean
     # ... or, instead of the z-score, this many times the recent max: thinking
     # is often capped (a budget), so its log spread overstates the tail
-    extreme_max_ratio: float = 8.0
+    extreme_max_ratio: float = 6.0
+    # the same for the output tokens of a model that reports no reasoning:
+    # long answers have a heavier natural tail than budgeted thinking
+    extreme_max_ratio_output: float = 8.0
     min_tokens: int = 6000  # relative token findings need at least this many
     min_latency_s: float = 300.0  # relative duration findings need at least this
     max_latency_s: float = 600.0  # guardrail, no warm-up needed
@@ -366,6 +369,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "update_growth": (lambda x: x > 1, "must be > 1"),
     "min_failed": (lambda x: x >= 1, "must be >= 1"),
     "attempt_alone": (lambda x: x >= 1, "must be >= 1"),
+    "extreme_max_ratio_output": (lambda x: x > 0, "must be > 0"),
 }
 
 

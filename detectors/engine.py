@@ -1232,7 +1232,8 @@ class Engine:
             zt = rcfg.z if b.has_reasoning else rcfg.z + 1.0
             if (think >= rcfg.min_tokens
                     and (not own or think >= ref.limit(THINK, zt)
-                         or think >= rcfg.extreme_max_ratio * ref[THINK + RMAX])
+                         or think >= (rcfg.extreme_max_ratio if b.has_reasoning
+                                      else rcfg.extreme_max_ratio_output) * ref[THINK + RMAX])
                     and think >= rmax_ratio * ref[THINK + RMAX]
                     and think >= rcfg.ratio_to_mean * ref.geomean(THINK)):
                 rule = "tokens"

@@ -274,3 +274,30 @@ def test_runaway_far_beyond_a_capped_wide_spread_is_caught():
                      output_tokens=50_500, latency_ms=400_000, request_hash="big"))
     [f] = first(run(evs), "runaway_reasoning")
     assert f.evidence["rule"] == "tokens" and f.detected_at.timestamp() == pytest.approx(t)
+
+
+def test_capped_thinking_six_and_a_half_times_its_budget_is_caught_output_is_not():
+    # 80 calls of budgeted thinking (never past 4,096), then one of 27k
+    # reasoning tokens in under 600 s: runaway.  A model that reports no
+    # reasoning has long answers in its normal tail: the same jump of its
+    # output tokens needs extreme_max_ratio_output (8x)
+    rng = random.Random(15)
+
+    def calls(model: str, reasoning: bool) -> list[dict]:
+        out = []
+        for k in range(80):
+            n = min(4096, int(rng.lognormvariate(7.0, 0.9)))
+            kw = dict(reasoning_tokens=n, output_tokens=n + 300) if reasoning else dict(
+                output_tokens=n)
+            out.append(event(k, T0 + 200 * k, "cap", model, latency_ms=2000 + 10 * n,
+                             request_hash=f"c{k}", **kw))
+        return out
+
+    t = T0 + 200 * 80
+    big = event(9_999, t, "cap", "deepseek-reasoner", reasoning_tokens=26_900,
+                output_tokens=28_000, latency_ms=344_000, request_hash="big")
+    [f] = first(run([*calls("deepseek-reasoner", True), big]), "runaway_reasoning")
+    assert f.evidence["rule"] == "tokens" and f.detected_at.timestamp() == pytest.approx(t)
+    plain = event(9_999, t, "cap", "gpt-4o", output_tokens=26_900, latency_ms=344_000,
+                  request_hash="big")
+    assert not first(run([*calls("gpt-4o", False), plain]), "runaway_reasoning")
