@@ -146,6 +146,11 @@ class TokenSpikeConfig:
     sustained_min_tokens_per_min: float = 10000.0  # 5 min window: floor per minute
     sustained_ratio: float = 4.0  # 5 min window: times its EW mean
     sustained_ratio_to_recent_max: float = 4.0  # ... and times the largest recent normal one
+    # ... or, for this many consecutive minutes, sustained_ratio x its EW mean
+    # and half sustained_ratio_to_recent_max x the recent normal one (a step
+    # of many small calls: bursts that high do not last)
+    persist_windows: int = 4
+    persist_min_calls: int = 24  # ... with this many calls in the 5 min window (a rate)
     # both windows: the second largest call (the largest is left out) at most
     # this share of the excess over the EW mean (two big calls are no rate change)
     spread_share: float = 1.0 / 3.0
@@ -370,6 +375,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "min_failed": (lambda x: x >= 1, "must be >= 1"),
     "attempt_alone": (lambda x: x >= 1, "must be >= 1"),
     "extreme_max_ratio_output": (lambda x: x > 0, "must be > 0"),
+    "persist_windows": (lambda x: x >= 2, "must be >= 2 (one window is a burst)"),
 }
 
 

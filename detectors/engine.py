@@ -67,8 +67,8 @@ from .volume import (
 )
 
 # 2: ConsumerState is its Volume; 3: failed first sightings keep their time;
-# 4: rate windows keep their second largest call
-SNAPSHOT_VERSION: Final = 4
+# 4: rate windows keep their second largest call; 5: persistent-window counter
+SNAPSHOT_VERSION: Final = 5
 TICK_S: Final = 15.0
 SWEEP_S: Final = 60.0
 EVICT_SWEEP_S: Final = 600.0
@@ -609,22 +609,34 @@ class Engine:
         thr_c = max(5.0 * cc.sustained_min_cost_per_min,
                     cc.sustained_ratio * 5.0 * per_min * vol.mean_c,
                     young * cc.sustained_ratio_to_recent_max * vol.max5_c)
-        hit_t = hit_c = False
-        if (st >= thr_t or sc >= thr_c) and not vol.dominated5():
+        # persistent path: a level well above the EW mean that lasts, below
+        # the recent-high bar (a step of many small calls; normal bursts that
+        # high do not last ``persist_windows`` minutes in a row)
+        thr_p = max(5.0 * tc.sustained_min_tokens_per_min,
+                    tc.sustained_ratio * 5.0 * per_min * vol.mean_t,
+                    young * 0.5 * tc.sustained_ratio_to_recent_max * vol.max5_t)
+        hit_t = hit_c = hit_p = False
+        if (st >= thr_p or sc >= thr_c) and not vol.dominated5():
             bp = vol.base_price()
             tot_t = st + 1.0
             pricey = bp > 0 and sc >= cc.price_ratio * bp * tot_t
             hit_c = pricey and sc >= thr_c and n >= cc.min_calls and cc.enabled
-            hit_t = (not pricey and st >= thr_t and n >= tc.min_calls and tc.enabled
+            hit_p = (not pricey and n >= tc.min_calls and tc.enabled
                      and _spread(st, vol.second5(), 5.0 * per_min * vol.mean_t,
                                  tc.spread_share))
+            hit_t = hit_p and st >= thr_t
+        # consecutive windows above threshold: tokens (bits 0-2), cost (3-5),
+        # the persistent path (6-)
         h = vol.hits5
-        h = (h & 7) + 1 if hit_t else h & ~7
-        h = ((h >> 3) + 1) << 3 | (h & 7) if hit_c else h & 7
-        vol.hits5 = h
-        if hit_t and h & 7 >= 2:
+        ht = min((h & 7) + 1, 7) if hit_t else 0
+        hc = min(((h >> 3) & 7) + 1, 7) if hit_c else 0
+        hp = min((h >> 6) + 1, 63) if hit_p else 0
+        vol.hits5 = ht | hc << 3 | hp << 6
+        if hit_t and ht >= 2:
             self._rule_token_spike(cs, ts, None, out, sustained=True, obs=st, thr=thr_t, calls=n)
-        if hit_c and h >> 3 >= 2:
+        elif hit_p and hp >= tc.persist_windows and n >= tc.persist_min_calls:
+            self._rule_token_spike(cs, ts, None, out, sustained=True, obs=st, thr=thr_p, calls=n)
+        if hit_c and hc >= 2:
             self._rule_cost_spike(cs, ts, None, out, sustained=True, obs=sc, thr=thr_c, calls=n)
         return thr_t, thr_c
 

@@ -110,7 +110,8 @@ class Volume(Record):
         a[_THR_T] = a[_THR_C] = a[_THR_CF] = INF  # (thr_c may be below thr_cf: price rule)
         self.src1: object = None  # heavy-hitter source (60 s), weight and total in the array
         self.src5: object = None  # same, 5 min
-        self.hits5 = 0  # consecutive 5 min windows above threshold (bit 0 tokens, 8 cost)
+        # consecutive 5 min windows above threshold (bits 0-2 tokens, 3-5 cost, 6- persistent)
+        self.hits5 = 0
         self.n = 0  # 10 s buckets learnt
 
     # ------------------------------------------------------------ per event

@@ -178,3 +178,28 @@ def test_two_big_calls_in_a_burst_are_no_rate_change():
     assert fs and fs[0].detected_at.timestamp() - t <= 60
     with pytest.raises(ValueError, match="spread_share"):
         DetectorConfig.from_dict({"token_spike": {"spread_share": 1.5}})
+
+
+def test_lasting_step_of_many_small_calls_is_caught_a_short_one_is_not():
+    # a consumer whose normal 5 min windows reach ~3x its mean (a 3-minute
+    # batch every 40 minutes), then 30x the calls, each smaller than usual: the
+    # token rate rises ~8x, below the recent-high bar, but it lasts
+    evs = bursty("p", 240, rate=6.0)
+    rng = random.Random(7)
+    for b in range(6):
+        for k in range(90):
+            inp = int(rng.lognormvariate(0, 1.0) * 2000)
+            evs.append(event(500_000 + 100 * b + k, T0 + 2400 * b + 600 + 2 * k, "p",
+                             input_tokens=inp, output_tokens=inp // 8, request_hash=f"z{b}-{k}"))
+    t = T0 + 240 * 60
+
+    def step(minutes: float) -> list[dict]:
+        return [event(900_000 + k, t + k * 0.3, "p", input_tokens=1020, output_tokens=128,
+                      request_hash=f"y{k}") for k in range(int(minutes * 200))]
+
+    fs = first(run(evs + step(15)), "token_spike")
+    assert fs and fs[0].evidence["rule"] == "window_5m"
+    assert fs[0].detected_at.timestamp() - t <= 600
+    assert not first(run(evs + step(3)), "token_spike")  # three minutes: a burst
+    strict = Engine(DetectorConfig.from_dict({"token_spike": {"persist_windows": 60}}))
+    assert not first(run(evs + step(15), strict), "token_spike")  # the path is what caught it
