@@ -151,6 +151,9 @@ class TokenSpikeConfig:
     # of many small calls: bursts that high do not last)
     persist_windows: int = 4
     persist_min_calls: int = 24  # ... with this many calls in the 5 min window (a rate)
+    # ... once the consumer has this much history: its recent high must have
+    # seen its usual swings (on/off batch phases) before a lower bar applies
+    persist_warmup_min: float = 120.0
     # both windows: the second largest call (the largest is left out) at most
     # this share of the excess over the EW mean (two big calls are no rate change)
     spread_share: float = 1.0 / 3.0

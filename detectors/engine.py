@@ -634,7 +634,8 @@ class Engine:
         vol.hits5 = ht | hc << 3 | hp << 6
         if hit_t and ht >= 2:
             self._rule_token_spike(cs, ts, None, out, sustained=True, obs=st, thr=thr_t, calls=n)
-        elif hit_p and hp >= tc.persist_windows and n >= tc.persist_min_calls:
+        elif (hit_p and hp >= tc.persist_windows and n >= tc.persist_min_calls
+              and ts - cs.first_ts >= tc.persist_warmup_min * 60.0):
             self._rule_token_spike(cs, ts, None, out, sustained=True, obs=st, thr=thr_p, calls=n)
         if hit_c and hc >= 2:
             self._rule_cost_spike(cs, ts, None, out, sustained=True, obs=sc, thr=thr_c, calls=n)
