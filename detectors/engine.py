@@ -636,7 +636,8 @@ class Engine:
             self._rule_token_spike(cs, ts, None, out, sustained=True, obs=st, thr=thr_t, calls=n)
         elif (hit_p and hp >= tc.persist_windows and n >= tc.persist_min_calls
               and ts - cs.first_ts >= tc.persist_warmup_min * 60.0):
-            self._rule_token_spike(cs, ts, None, out, sustained=True, obs=st, thr=thr_p, calls=n)
+            self._rule_token_spike(cs, ts, None, out, sustained=True, obs=st, thr=thr_p, calls=n,
+                                   lasting=hp)
         if hit_c and hc >= 2:
             self._rule_cost_spike(cs, ts, None, out, sustained=True, obs=sc, thr=thr_c, calls=n)
         return thr_t, thr_c
@@ -722,9 +723,10 @@ class Engine:
     # ------------------------------------------------------- token / cost
     def _rule_token_spike(self, cs: ConsumerState, ts: float, event: UsageEvent | None,
                           out: list[Finding], *, sustained: bool, obs: float, thr: float,
-                          calls: float) -> None:
+                          calls: float, lasting: int = 0) -> None:
         """token_spike: the token rate of a sliding window (60 s, tested on
-        every event; or 5 min, tested each minute, twice in a row), without its
+        every event; or 5 min, tested each minute, twice in a row, or
+        ``lasting`` minutes in a row on the persistent path), without its
         largest call, above max(floor, ratio x its EW mean, ratio_to_recent_max
         x the largest recent normal window), with ``min_calls`` calls, no
         dominating source and the usual cost per token (see
@@ -742,6 +744,8 @@ class Engine:
                                     "recent_normal_max_per_min": round(rmax, 1)}
         if event is not None:
             evidence["event_id"] = event.event_id
+        if lasting:
+            evidence["minutes_in_a_row"] = lasting
         per_min = obs / win
         self._fire(out, kind="token_spike", scope="consumer", subject=cs.key, tenant=cs.tenant,
                    consumer=cs.key, model=event.model if event is not None else None, ts=ts,
@@ -750,7 +754,8 @@ class Engine:
                    summary=(f"{cs.key}: {_fmt(per_min)} tokens/min over the last "
                             f"{win:.0f} min ({int(calls)} calls, largest left out) vs a "
                             f"baseline of {_fmt(base)} and a recent normal high of "
-                            f"{_fmt(rmax)} (threshold {_fmt(thr / win)})"),
+                            f"{_fmt(rmax)} (threshold {_fmt(thr / win)}"
+                            + (f", {lasting} minutes in a row)" if lasting else ")")),
                    severity="warning", action="alert", evidence=evidence, quiet_s=tc.quiet_s)
 
     def _rule_cost_spike(self, cs: ConsumerState, ts: float, event: UsageEvent | None,

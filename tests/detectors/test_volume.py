@@ -200,6 +200,7 @@ def test_lasting_step_of_many_small_calls_is_caught_a_short_one_is_not():
     fs = first(run(evs + step(15)), "token_spike")
     assert fs and fs[0].evidence["rule"] == "window_5m"
     assert fs[0].detected_at.timestamp() - t <= 600
+    assert fs[0].evidence["minutes_in_a_row"] >= 4 and "minutes in a row" in fs[0].summary
     assert not first(run(evs + step(3)), "token_spike")  # three minutes: a burst
     strict = Engine(DetectorConfig.from_dict({"token_spike": {"persist_windows": 60}}))
     assert not first(run(evs + step(15), strict), "token_spike")  # the path is what caught it
