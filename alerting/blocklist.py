@@ -223,6 +223,9 @@ class BlockList:
         self._snapshot: Snapshot = Snapshot(0, '""', b"", 0.0)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        # called (outside the lock) when a block brings the next expiry forward,
+        # so a loop that sleeps until the next expiry can wake up
+        self.expiry_listeners: list[Callable[[], None]] = []
         if restore:
             self._restore()
         self._rebuild()
@@ -340,9 +343,13 @@ class BlockList:
             # at the next restart, so the caller learns about a failed write.
             self._audit("block", entry, at)
             self._active[scope][value] = entry
-            if expires is not None and expires < self._next_expiry:
-                self._next_expiry = expires
+            sooner = expires is not None and expires < self._next_expiry
+            if sooner:
+                self._next_expiry = expires  # type: ignore[assignment]
             self._rebuild()
+        if sooner:
+            for fn in self.expiry_listeners:
+                fn()
         self._publish_block(entry)
         return entry
 
@@ -363,6 +370,12 @@ class BlockList:
             self._rebuild()
         self._publish_unblock(scope, value, reason)
         return True
+
+    def next_expiry(self) -> float:
+        """When :meth:`expire` next has work (clock seconds; inf: no TTL pending).
+        Entries already dropped from memory by the hot path and still waiting
+        for their audit row are due at once."""
+        return float("-inf") if self._lazy_expired else self._next_expiry
 
     def expire(self) -> list[BlockEntry]:
         """Remove the entries past their TTL; record an ``expire`` row each."""

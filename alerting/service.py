@@ -149,6 +149,10 @@ class AlertingService:
         self._acted: dict[str, tuple[float, str]] = {}  # finding_id -> (when, action text)
         self._lock = threading.RLock()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # the tick loop: stop, or a block expires sooner
+        listeners = getattr(blocklist, "expiry_listeners", None)
+        if listeners is not None:
+            listeners.append(self._wake.set)
         self._thread: threading.Thread | None = None
 
     # -- findings -------------------------------------------------------------------
@@ -269,14 +273,38 @@ class AlertingService:
             return
 
         def loop() -> None:
-            while not self._stop.wait(self.config.tick_s):
-                self.tick()
+            # Wake at the tick, or sooner when a block's TTL runs out: gateways
+            # already stop refusing at the TTL (check() enforces it), and the
+            # ``expire`` audit row and block-topic tombstone should follow it
+            # within a fraction of a second, not a whole tick later.
+            tick_s = self.config.tick_s
+            next_tick = time.monotonic() + tick_s
+            early = True  # False after a failed expiry: the store may be down, wait for the tick
+            while True:
+                wait = next_tick - time.monotonic()
+                if early:
+                    wait = min(wait, self.blocklist.next_expiry() - self.blocklist.clock() + 0.01)
+                self._wake.wait(max(0.05, wait))
+                self._wake.clear()
+                if self._stop.is_set():
+                    return
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + tick_s
+                    early = True
+                    self.tick()
+                elif early and self.blocklist.next_expiry() <= self.blocklist.clock():
+                    try:
+                        self.blocklist.expire()
+                    except Exception as exc:
+                        early = False
+                        log.warning("block expiry failed (retried at the next tick): %s", exc)
 
         self._thread = threading.Thread(target=loop, name="alerting-tick", daemon=True)
         self._thread.start()
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=timeout)
             self._thread = None

@@ -196,3 +196,24 @@ def test_build_against_the_embedded_store(embedded_store, tmp_path):
     with pytest.raises(SystemExit, match="policy file"):
         p.write_text("[policy]\nbogus = 1\n")
         build(settings, embedded_store, Metrics(), start=False)
+
+
+def test_expiry_audited_at_the_ttl_not_at_the_next_tick():
+    """The background loop wakes when a block's TTL runs out, even when the
+    alert tick is a minute away: the ``expire`` audit row follows the TTL."""
+    import time
+
+    config = AlertingConfig.from_dict({"alerting": {"tick": 60}})
+    store = MemStore()
+    bl = BlockList(store, restore=False)  # the real wall clock
+    svc = AlertingService(config, bl, [], Metrics())
+    svc.start()
+    try:
+        time.sleep(0.1)  # the loop is waiting for its 60 s tick
+        bl.block("consumer", "c1", reason="test", ttl_s=0.3, actor="test")
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and [r.event for r in store.rows] != ["block", "expire"]:
+            time.sleep(0.02)
+        assert [r.event for r in store.rows] == ["block", "expire"]
+    finally:
+        svc.close()
