@@ -193,6 +193,44 @@ def score(labels: list[dict[str, Any]], findings: list[dict[str, Any]], *,
             "missed": missed, "false": false_list, "detected": found}
 
 
+def combine(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from the reports of several runs (seeds, generators): counts
+    and consumer-hours add up, delays are pooled, so recall and precision are
+    measured on all the labels together (a single run has too few labels per
+    kind to tell 0.95 from 0.9).
+
+    >>> lab = {"label_id": "L1", "kind": "retry_storm", "scope": "consumer", "subject": "a",
+    ...        "consumer": "a", "start": "2026-01-01T00:00:00Z", "end": "2026-01-01T00:10:00Z"}
+    >>> hit = {"finding_id": "f1", "kind": "retry_storm", "scope": "consumer", "subject": "a",
+    ...        "consumer": "a", "detected_at": "2026-01-01T00:00:08Z"}
+    >>> r = combine([score([lab], [hit], consumer_hours=10), score([lab], [], consumer_hours=30)])
+    >>> rs = r["kinds"]["retry_storm"]
+    >>> rs["recall"], rs["delay_p50_s"], r["consumer_hours"]
+    (0.5, 8.0, 40)
+    """
+    hours = sum(r["consumer_hours"] for r in reports)
+    kinds = sorted({k for r in reports for k in r["kinds"]},
+                   key=lambda k: KINDS.index(k) if k in KINDS else 99)
+    out: dict[str, Any] = {}
+    for k in kinds:
+        rows = [r["kinds"][k] for r in reports if k in r["kinds"]]
+        n = {c: sum(x[c] for x in rows) for c in (
+            "labels", "detected", "findings", "true_positives", "false_positives", "explained",
+            "weak_labels")}
+        delays = [d["delay_s"] for r in reports for d in r["detected"] if d["kind"] == k]
+        tp, fp = n["true_positives"], n["false_positives"]
+        out[k] = n | {
+            "recall": n["detected"] / n["labels"] if n["labels"] else None,
+            "precision": tp / (tp + fp) if tp + fp else None,
+            "false_per_1k_consumer_hours": 1000.0 * fp / hours if hours else None,
+            "delay_p50_s": _pct(delays, 0.5), "delay_p90_s": _pct(delays, 0.9)}
+    return {"kinds": out, "consumer_hours": hours,
+            "grace_s": reports[0]["grace_s"] if reports else 300,
+            "missed": [m for r in reports for m in r["missed"]],
+            "false": [f for r in reports for f in r["false"]],
+            "detected": [d for r in reports for d in r["detected"]]}
+
+
 def format_report(report: dict[str, Any]) -> str:
     """A fixed-width table, one line per kind."""
     cols = ("kind", "labels", "weak", "detected", "recall", "findings", "TP", "FP", "expl",
