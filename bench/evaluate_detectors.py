@@ -6,7 +6,11 @@
 ``--traffic sim`` uses ``ingest.simulator`` (the project's generator);
 ``--traffic adversarial`` uses ``tests/detectors/synth.py``, written
 independently of it with different burstiness, sizes and anomaly shapes, to
-check that the detectors are not tuned to one generator.  Events go through
+check that the detectors are not tuned to one generator; ``--traffic holdout``
+uses ``tests/detectors/holdout.py``, a third generator written without looking
+at the detectors or the other two, from the real traces in
+``/work/shared/data`` (or ``$TOKENWARD_TRACE_DATA``), as a held-out check.
+Events go through
 ``ingest.event.validate_event`` and get their cost from ``ingest.pricing``
 when the pipeline's price table is available.
 """
@@ -54,6 +58,10 @@ def generate(traffic: str, seed: int, hours: float, consumers: int,
         evs = list(sim.events())
         return evs, sim.labels
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "detectors"))
+    if traffic == "holdout":
+        from holdout import Holdout
+        h = Holdout(seed=seed, hours=hours, consumers=consumers)
+        return h.events(), h.labels
     from synth import Synth
     s = Synth(seed=seed, hours=hours, consumers=consumers)
     return s.events(), s.labels
@@ -107,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--hours", type=float, default=6.0)
     ap.add_argument("--consumers", type=int, default=500)
-    ap.add_argument("--traffic", choices=("sim", "adversarial"), default="sim")
+    ap.add_argument("--traffic", choices=("sim", "adversarial", "holdout"), default="sim")
     ap.add_argument("--episodes", type=int, default=None,
                     help="anomaly episodes per kind (--traffic sim only; default grows "
                          "with sqrt(hours))")
