@@ -76,18 +76,25 @@ class RetryStormConfig:
 
     enabled: bool = True
     tau_s: float = 60.0  # time constant of the decayed counter (all-success rule)
-    # attempts of one request_hash within window_s: 3 retries.  SDK defaults
-    # retry twice (OpenAI, Anthropic, LangChain), and one or two retries after
-    # an error are normal; a third is where a storm becomes distinguishable
-    min_attempts: float = 4.0
+    # attempts of one request_hash within window_s: 4 retries.  SDK defaults
+    # retry twice (OpenAI, Anthropic), some clients and frameworks three times
+    # (Google's SDK, many gateways' retry policies), and during an error spike
+    # a request failing with all of those retries is normal: a storm is beyond
+    # them.  (3 retries fired on real-trace traffic: an error and two failed
+    # retries plus a popular prompt asked afresh, and 3-retry clients during
+    # a failure spike.)
+    min_attempts: float = 5.0
     window_s: float = 60.0  # sliding window of the same-request rule
-    min_failed: int = 3  # failed attempts among those in the window
+    min_failed: int = 4  # failed attempts among those in the window
     min_fail_share: float = 0.5  # share of the recent (decayed) attempts that failed
     # a call whose caller reports this attempt number (from 0) is a storm on
     # its own: its earlier attempts may not have arrived yet (timeouts are
     # reported when they end, a minute or two later)
     attempt_alone: int = 6
-    min_attempts_success: float = 30.0  # single caller, same hash, no failures (decayed)
+    # single caller, same hash, no failures (decayed); only where the calls
+    # name their caller (user or session): without, one caller cannot be
+    # told from many users asking a popular prompt
+    min_attempts_success: float = 30.0
     rate_min_calls: int = 12  # calls per minute (and in the window) for the rate-jump rule
     # failing *distinct* requests per minute, times the consumer's usual calls
     # per minute: the failures are extra calls, not normal calls that fail

@@ -135,6 +135,11 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
+# context_bloat: a dip of the input by at most this share neither grows nor
+# restarts a session's streak (real sessions' turns vary in size)
+BLOAT_DIP: Final = 0.25
+
+
 class Engine:
     """Streaming anomaly detection over usage events (see module doc)."""
 
@@ -1137,20 +1142,19 @@ class Engine:
         n_w, f_w = rs.win.count(rc.window_s, ts) if rs.win is not None else (0, 0)
         # the ring holds only the last min_attempts attempts: the share of the
         # decayed counts (all recent attempts) must agree, or one error and its
-        # two retries among a popular prompt's many answers would look failing;
-        # an answered call its caller reports as a first attempt (0) is someone
-        # asking the popular prompt afresh after an error and its two retries,
-        # not a third retry
-        failing = (n_w >= rc.min_attempts and f_w >= rc.min_failed
-                   and rs.f >= rc.min_fail_share * rs.c
-                   and (failed or event.attempt != 0))
+        # retries among a popular prompt's many answers would look failing;
+        # only a failed call completes the count (an answered one ends its
+        # retries, or is someone asking the popular prompt afresh)
+        failing = (failed and n_w >= rc.min_attempts and f_w >= rc.min_failed
+                   and rs.f >= rc.min_fail_share * rs.c)
         att = event.attempt
         reported = 0.0  # attempts the caller's own counter vouches for
         if att is not None and (att >= rc.attempt_alone or (
                 failed and att + 1 >= rc.min_attempts and rs.total_fail >= 2)):
             reported = att + 1.0
             failing = True
-        if not failing and (rs.mixed or rs.c < rc.min_attempts_success or rs.f > 0.5):
+        if not failing and (rs.mixed or rs.c < rc.min_attempts_success or rs.f > 0.5
+                            or rs.ident == (None, None)):
             return
         outage = failing and self._is_open("failure_spike", "model", event.model, "*", ts)
         if outage and max(rs.c, reported) < 2.0 * rc.min_attempts:
@@ -1413,8 +1417,13 @@ class Engine:
         inc = inp - s.last_input
         turns = 1 + s.skipped
         s.skipped = 0
+        if s.grow_n > 0 and inc <= 0 and inp >= (1.0 - BLOAT_DIP) * s.last_input:
+            # a turn shorter than the one it replaces, or the client trimming a
+            # little: the history is still resent; the streak waits (its
+            # high-water mark is kept) instead of restarting
+            return new_run
         if (s.last_input >= 0 and 0 < inc <= 2 * s.last_input + 4096 * turns
-                and (s.grow_n < 2 or inc <= turns * 2.5 * s.grow_inc + 2048)):
+                and (s.grow_n < 2 or inc <= turns * 4.0 * s.grow_inc + 2048)):
             s.grow_n += 1
             per_turn = inc / turns
             s.grow_inc = per_turn if s.grow_n == 1 else 0.7 * s.grow_inc + 0.3 * per_turn

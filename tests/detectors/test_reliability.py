@@ -102,21 +102,21 @@ def test_rate_jump_with_most_calls_failing_is_a_retry_storm():
     assert not first(fs, "failure_spike"), [f.summary for f in first(fs, "failure_spike")]
 
 
-def test_reported_attempt_counter_fires_at_the_fourth_attempt():
+def test_reported_attempt_counter_fires_at_the_fifth_attempt():
     rng = random.Random(11)
     evs = traffic("a", T0, T0 + 7200, 10.0, rng, err=0.01)
-    t = T0 + 4000  # a slow retry loop: 25 s apart, never 4 attempts within a minute
+    t = T0 + 4000  # a slow retry loop: 25 s apart, never 5 attempts within a minute
     evs += [event(91_000 + k, t + 25 * k, "a", request_hash="slow", status=503,
                   error="upstream_5xx", output_tokens=0, attempt=k) for k in range(8)]
     [f] = first(run(evs), "retry_storm")
-    assert f.detected_at.timestamp() == pytest.approx(t + 75, abs=1)  # attempt 3, from 0
-    assert f.evidence["reported_attempt"] == 3 and f.action == "block"
+    assert f.detected_at.timestamp() == pytest.approx(t + 100, abs=1)  # attempt 4, from 0
+    assert f.evidence["reported_attempt"] == 4 and f.action == "block"
     # without the caller's counter the same loop is too slow to call a storm
     quiet = [dict(d, attempt=None) if d.get("request_hash") == "slow" else d for d in evs]
     assert not first(run(quiet), "retry_storm")
 
 
-def test_third_retry_within_a_minute_fires_a_second_does_not():
+def test_fourth_retry_within_a_minute_fires_three_do_not():
     rng = random.Random(13)
     base = traffic("r", T0, T0 + 7200, 10.0, rng, err=0.01)
     t = T0 + 4000
@@ -126,18 +126,32 @@ def test_third_retry_within_a_minute_fires_a_second_does_not():
                       **(dict(status=429, error="rate_limited", output_tokens=0)
                          if k < failed else {})) for k in range(n)]
 
-    [f] = first(run(base + attempts(4, 3)), "retry_storm")
-    assert f.detected_at.timestamp() == pytest.approx(t + 15, abs=0.01)
-    assert f.evidence["attempts_in_window"] == 4 and f.evidence["failed_in_window"] == 3
-    assert not first(run(base + attempts(3, 3)), "retry_storm")  # two retries
-    assert not first(run(base + attempts(4, 2)), "retry_storm")  # answered, then re-asked
-    # an error, two retries, then the same prompt asked afresh (attempt 0) and
-    # answered: no third retry; a fourth failure would be
-    fresh = attempts(4, 3)
-    fresh[3]["attempt"] = 0
-    assert not first(run(base + fresh), "retry_storm")
-    fresh[3].update(status=429, error="rate_limited", output_tokens=0)
-    assert first(run(base + fresh), "retry_storm")
+    [f] = first(run(base + attempts(5, 5)), "retry_storm")
+    assert f.detected_at.timestamp() == pytest.approx(t + 20, abs=0.01)
+    assert f.evidence["attempts_in_window"] == 5 and f.evidence["failed_in_window"] == 5
+    assert not first(run(base + attempts(4, 4)), "retry_storm")  # three retries
+    assert not first(run(base + attempts(5, 3)), "retry_storm")  # answered, then re-asked
+    # an error and three failed retries, then answered (a retry that worked,
+    # or the same prompt asked afresh): the answer ends it; a fifth failure
+    # would not
+    ok = attempts(5, 4)
+    assert not first(run(base + ok), "retry_storm")
+    ok[4].update(status=429, error="rate_limited", output_tokens=0)
+    assert first(run(base + ok), "retry_storm")
+
+
+def test_repeats_without_a_named_caller_are_no_success_storm():
+    # one prompt answered every second for minutes: a loop if one caller sends
+    # it (user or session named), a popular prompt if the calls name nobody
+    rng = random.Random(15)
+    base = traffic("p", T0, T0 + 7200, 10.0, rng, err=0.01)
+    t = T0 + 4000
+    loop = [event(94_000 + k, t + 1.0 * k, "p", request_hash="same", user="u1")
+            for k in range(120)]
+    [f] = first(run(base + loop), "retry_storm")
+    assert f.evidence["failed"] == 0
+    anon = [dict(d, user=None, session_id=None) for d in loop]
+    assert not first(run(base + anon), "retry_storm")
 
 
 def test_a_late_attempt_fires_before_its_earlier_attempts_arrive():

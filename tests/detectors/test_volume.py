@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -144,6 +145,27 @@ def test_context_bloat_survives_failed_turns():
         inp += 3200
     [f] = first(run(evs), "context_bloat")
     assert f.subject == "s4" and f.evidence["first_input_tokens"] < 20_000
+
+
+def test_context_bloat_tolerates_turns_of_varying_size():
+    # a resent history whose turns vary: now and then a call's input dips a
+    # little below the one before (a shorter turn replaced, a trim); the
+    # streak waits instead of restarting
+    rng = random.Random(8)
+    hist, inp = 4000, []
+    for k in range(45):
+        hist += rng.randint(1000, 4000)
+        inp.append(int(hist * (0.85 if k % 4 == 3 else 1.0)))
+    evs = [event(k, T0 + 40 * k, "cv", session_id="s5", input_tokens=x, request_hash=f"v{k}")
+           for k, x in enumerate(inp)]
+    assert any(b < a for a, b in itertools.pairwise(inp)) and inp[-1] > 80_000
+    [f] = first(run(evs), "context_bloat")
+    assert f.subject == "s5"
+    # deep drops (the client summarising its history every few turns)
+    # restart the streak: no history is resent for long
+    deep = [dict(d, input_tokens=int(x / 0.85 * 0.55) if k % 4 == 3 else x)
+            for k, (d, x) in enumerate(zip(evs, inp, strict=True))]
+    assert first(run(deep), "context_bloat") == []
 
 
 def test_two_big_calls_in_a_burst_are_no_rate_change():
