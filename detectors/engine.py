@@ -1252,7 +1252,10 @@ class Engine:
             # output tokens of a model that reports no reasoning are not all
             # thinking (long answers are normal): one sd more evidence there
             zt = rcfg.z if b.has_reasoning else rcfg.z + 1.0
+            # ... and a call no bigger than the consumer's own calls so far
+            # is no runaway for it, whatever the model's other consumers do
             if (think >= rcfg.min_tokens
+                    and (own or think >= rcfg.ratio_to_recent_max * b[THINK + RMAX])
                     and (not own or think >= ref.limit(THINK, zt)
                          or think >= (rcfg.extreme_max_ratio if b.has_reasoning
                                       else rcfg.extreme_max_ratio_output) * ref[THINK + RMAX])
@@ -1261,6 +1264,7 @@ class Engine:
                 rule = "tokens"
             else:
                 if (lat >= rcfg.min_latency_s and b.has_reasoning and think >= rcfg.min_tokens
+                        and (own or lat >= rcfg.ratio_to_recent_max * b[LAT + RMAX])
                         and (not own or lat >= ref.limit(LAT, rcfg.z))
                         and lat >= rmax_ratio * ref[LAT + RMAX]
                         and lat >= rcfg.ratio_to_mean * ref.geomean(LAT)):

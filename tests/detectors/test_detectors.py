@@ -72,6 +72,24 @@ def test_runaway_relative_needs_warmup():
     assert kinds(run(evs)) == ["runaway_reasoning"]
 
 
+def test_model_wide_stand_in_respects_the_consumers_own_calls():
+    # a new heavy consumer (own baseline not warm yet) thinks ~5.5k tokens;
+    # the model's other consumers ~300: judged on the model-wide baseline a
+    # 7k call would be runaway, but it is 1.3x the consumer's own largest
+    heavy = [event(9000 + k, T0 + 5 * k, "h", "o3-mini", reasoning_tokens=5000 + 25 * k,
+                   output_tokens=5600 + 25 * k, request_hash=f"h{k}") for k in range(20)]
+    others = [e for c in range(6) for e in steady(f"o{c}", 500, gap=1.2, model="o3-mini",
+                                                  start=T0 + 100, i0=1000 * (c + 1),
+                                                  reasoning_tokens=300, output_tokens=400)]
+    big = event(9100, T0 + 720, "h", "o3-mini", reasoning_tokens=7000, output_tokens=7600,
+                request_hash="hb")
+    evs = sorted(heavy + others + [big], key=lambda d: d["ts"])
+    assert kinds(run(evs)) == []
+    huge = dict(big, reasoning_tokens=30_000, output_tokens=30_600)
+    evs = sorted(heavy + others + [huge], key=lambda d: d["ts"])
+    assert kinds(run(evs)) == ["runaway_reasoning"]
+
+
 def test_retry_storm_fires_fast_and_blocks():
     evs = steady("s", 400)
     t = T0 + 2500
