@@ -38,23 +38,13 @@ from .episodes import EpisodeBook
 from .finding import Finding
 from .reliability import CLIENT, FailWindow, HashWindow, failure_class
 from .state import (
-    F_BASE,
-    FL,
-    FS,
     HAS_R,
     INF,
-    LAST_TS,
     LAT,
-    M_COST,
-    M_FAIL,
-    M_TOK,
-    N_BASE,
-    NL,
-    NS,
     RMAX,
-    SZ,
     THINK,
     ConsumerState,
+    HotSettings,
     ModelCallBaseline,
     ModelState,
     N,
@@ -67,15 +57,17 @@ from .volume import (
 )
 
 # 2: ConsumerState is its Volume; 3: failed first sightings keep their time;
-# 4: rate windows keep their second largest call; 5: persistent-window counter
-SNAPSHOT_VERSION: Final = 5
+# 4: rate windows keep their second largest call; 5: persistent-window counter;
+# 6: the consumer's per-event figures are attributes, not array fields
+SNAPSHOT_VERSION: Final = 6
 TICK_S: Final = 15.0
 SWEEP_S: Final = 60.0
 EVICT_SWEEP_S: Final = 600.0
 LEARN_SAMPLE: Final = 4  # settled (consumer, model) call-size baselines learn from 1 call in 4
 MODEL_SAMPLE: Final = 4  # model-wide call-size baselines learn from one call in this many
 PRIOR_RUN_HI: Final = 30.0  # calls in a long normal agent run (tau-bench: 0-27 tool calls)
-_NOT_SNAPSHOT: Final = frozenset(("config", "_model_half"))  # the config and values derived from it
+# the config and values derived from it
+_NOT_SNAPSHOT: Final = frozenset(("config", "_model_half", "_hots"))
 _NO_RUNS: Final = LogBaseline()  # the run-length baseline of a consumer without completed runs
 
 
@@ -168,6 +160,16 @@ class Engine:
         """Values derived from the config, kept out of snapshots."""
         fc = self.config.settings.failure_spike
         self._model_half = fc.model_window_s / 2.0
+        # the hot settings of the shared Settings objects (defaults, tenants);
+        # a consumer override gets its own (config keeps these objects alive,
+        # so their ids stay theirs)
+        self._hots: dict[int, HotSettings] = {
+            id(s): HotSettings(s)
+            for s in (self.config.settings, *self.config.tenants.values())}
+
+    def _hot(self, cfg: Settings) -> HotSettings:
+        h = self._hots.get(id(cfg))
+        return h if h is not None else HotSettings(cfg)
 
     # ------------------------------------------------------------------ API
     def observe(self, event: UsageEvent) -> list[Finding]:
@@ -175,38 +177,42 @@ class Engine:
         # The common case (a successful call of a known consumer, nothing
         # near a threshold) is written out here with the fewest attribute
         # reads; the rules themselves live in the ``_rule_*`` methods.
-        ts = event.ts.timestamp()
+        # pydantic keeps the (frozen, validated) fields in the instance dict:
+        # one dict read each instead of a generic attribute lookup each
+        ev = event.__dict__
+        ts_dt: datetime = ev["ts"]
+        ts = ts_dt.timestamp()
         out: list[Finding] = []
         if ts > self._now:
             self._now = ts
             if ts >= self._next_tick:
                 out.extend(self._tick(ts))
-        cs = self._consumers.get(event.consumer)
+        cs = self._consumers.get(ev["consumer"])
         if cs is None:
             cs = self._new_consumer(event, ts)
-        cfg = cs.cfg
-        status = event.status
-        failed = status == 0 or status >= 400 or event.finish_reason == "error"
-        out_tokens = event.output_tokens
-        tokens = event.input_tokens + out_tokens
-        cost = event.cost or 0.0
+        hot = cs.hot
+        status: int = ev["status"]
+        failed = status == 0 or status >= 400 or ev["finish_reason"] == "error"
+        out_tokens: int = ev["output_tokens"]
+        in_tokens: int = ev["input_tokens"]
+        tokens = in_tokens + out_tokens
+        cost: float = ev["cost"] or 0.0
 
         # -- per-minute totals (token_spike, cost_spike, rate rules)
         if ts // 60 > cs.m:  # the consumer's current minute
             self._close_minutes(cs, int(ts // 60), ts, out)
-        a = cs.a  # the consumer's float figures (see detectors.state)
-        a[M_TOK] += tokens
+        cs.m_tok += tokens
         if cost:  # adding 0.0 changes nothing
-            a[M_COST] += cost
+            cs.m_cost += cost
         cs.m_calls += 1
         cs.calls += 1
         # seconds since the consumer's latest call (the decayed counts refer to it)
-        dt = ts - a[LAST_TS]
+        dt = ts - cs.last_ts
         if dt > 0:
-            a[LAST_TS] = ts
+            cs.last_ts = ts
 
         # -- request-hash repeats (retry_storm, cache_opportunity)
-        rh = event.request_hash
+        rh: str | None = ev["request_hash"]
         repeat_fail = False
         if rh is not None:
             if ts >= self._seen_rotate:
@@ -228,29 +234,27 @@ class Engine:
                         _seen_put(seen, rh, cs.key, ts if failed else -1.0)
                 if first is not None:
                     repeat_fail = self._repeat(cs, event, rh, k, rs, ts, failed, out, first)
-                elif event.attempt is not None and \
-                        event.attempt >= cfg.retry_storm.attempt_alone:
+                elif ev["attempt"] is not None and ev["attempt"] >= hot.attempt_alone:
                     self._repeat(cs, event, rh, k, None, ts, failed, out, None)
             else:
                 repeat_fail = self._repeat(cs, event, rh, k, rs, ts, failed, out)
 
         # -- decayed call / failure counts (failure_spike, retry_storm rate rule)
-        fc = cfg.failure_spike
         if dt > 0:
-            ds = math.exp(-dt / fc.short_tau_s)
-            dl = math.exp(-dt / fc.long_tau_s)
-            a[NS] = a[NS] * ds + 1.0
-            a[NL] = a[NL] * dl + 1.0
-            x = a[FS]
+            ds = math.exp(-dt / hot.fs_short_tau)
+            dl = math.exp(-dt / hot.fs_long_tau)
+            cs.ns = cs.ns * ds + 1.0
+            cs.nl = cs.nl * dl + 1.0
+            x = cs.fs
             if x:  # 0 stays 0
-                a[FS] = x * ds
-                a[FL] *= dl
-            elif a[FL]:
-                a[FL] *= dl
+                cs.fs = x * ds
+                cs.fl *= dl
+            elif cs.fl:
+                cs.fl *= dl
         else:
-            a[NS] += 1.0
-            a[NL] += 1.0
-        model = event.model
+            cs.ns += 1.0
+            cs.nl += 1.0
+        model: str = ev["model"]
         ms = self._models.get(model)
         if ms is None:
             ms = self._models[model] = ModelState(ts)
@@ -266,45 +270,44 @@ class Engine:
         if failed:
             self._model_failed(ms, cs.key, event, ts, out)
             if not repeat_fail:
-                a[FS] += 1.0
-                a[FL] += 1.0
-                a[M_FAIL] += 1.0
+                cs.fs += 1.0
+                cs.fl += 1.0
+                cs.m_fail += 1.0
             self._rule_failures(cs, ms, event, ts, out, repeat_fail)
         # failure baseline (calls that belong to an open failure episode do not teach it)
-        fs = a[FS]
-        if (fs < fc.min_failures or fs < 2.0 * a[NS] * (a[F_BASE] + 1.0) / (
-                a[N_BASE] + 50.0)) and not (
+        fs = cs.fs
+        if (fs < hot.fs_min_failures or fs < 2.0 * cs.ns * (cs.f_base + 1.0) / (
+                cs.n_base + 50.0)) and not (
                 cs.key in self._book.subjects and self._failure_open(cs)):
-            keep = 1.0 - 1.0 / fc.baseline_halflife_calls
-            a[N_BASE] = a[N_BASE] * keep + 1.0
+            keep = hot.fs_keep
+            cs.n_base = cs.n_base * keep + 1.0
             if failed and not repeat_fail:
-                a[F_BASE] = a[F_BASE] * keep + 1.0
+                cs.f_base = cs.f_base * keep + 1.0
             else:
-                x = a[F_BASE]
+                x = cs.f_base
                 if x:  # 0 stays 0
-                    a[F_BASE] = x * keep
+                    cs.f_base = x * keep
 
         # -- call size (runaway_reasoning); the common case (no rule can fire,
         # the call only teaches the baselines) is written out here
-        lat_ms = event.latency_ms
+        lat_ms: float | None = ev["latency_ms"]
         if not failed and (out_tokens or lat_ms):
             if model == cs.model1:
                 b: ModelCallBaseline = cs.mb1  # type: ignore[assignment]
             else:
                 b = cs.model_baseline(model)
-            rsn = event.reasoning_tokens
+            rsn: int = ev["reasoning_tokens"]
             if rsn > 0:
                 b[HAS_R] = 1.0
                 ms.size[HAS_R] = 1.0
             think = float(rsn if b[HAS_R] else out_tokens)
             lat = (lat_ms or 0.0) / 1000.0
-            rcfg = cfg.runaway_reasoning
-            if rcfg.enabled:
+            if hot.rr_enabled:
                 # every rule needs min_tokens of thinking, or max_think_tokens,
                 # or the reasoning budget hit
-                if (think < rcfg.min_tokens and think < rcfg.max_think_tokens
-                        and (rsn < rcfg.length_min_reasoning
-                             or event.finish_reason != "length")):
+                if (think < hot.rr_min_tokens and think < hot.rr_max_think
+                        and (rsn < hot.rr_len_min
+                             or ev["finish_reason"] != "length")):
                     if b[THINK + N] >= 200 and cs.calls % LEARN_SAMPLE:
                         # a settled baseline learns its mean/variance from one
                         # call in LEARN_SAMPLE; the recent maximum sees every call
@@ -318,11 +321,11 @@ class Engine:
                     self._rule_runaway(cs, ms, event, ts, out, b, think, lat)
 
         # -- runs and sessions (agent_loop, context_bloat)
-        tid = event.trace_id
-        sid = event.session_id
+        tid: str | None = ev["trace_id"]
+        sid: str | None = ev["session_id"]
         if tid is not None or sid is not None:
             # only a run's first call is an independent request
-            indep = self._rule_runs(cs, event, ts, tokens, failed, tid, sid, out)
+            indep = self._rule_runs(cs, event, ts, tokens, in_tokens, failed, tid, sid, out)
             src = tid if tid is not None else sid
         else:
             src = rh if rh is not None else event.event_id
@@ -330,10 +333,10 @@ class Engine:
 
         # -- size of independent calls (token_spike, call-size rule)
         if indep and not failed:
-            lx = math.log1p(event.input_tokens)
-            a[SZ + 5] += lx
-            a[SZ + 6] += lx * lx
-            a[SZ + 7] += 1.0
+            lx = math.log1p(in_tokens)
+            cs.sz_msum += lx
+            cs.sz_msq += lx * lx
+            cs.sz_mn += 1.0
 
         # -- token / cost rate on the sliding 60 s window (token_spike, cost_spike)
         if ts // BUCKET_S > cs.b:
@@ -374,6 +377,7 @@ class Engine:
             if s is None:
                 s = cache[key] = eng.config.settings_for(cs.tenant, cs.key)
             cs.cfg = s
+            cs.hot = eng._hot(s)
         ec = eng.config.engine
         eng._book.interval_s, eng._book.growth = ec.update_interval_s, ec.update_growth
         eng._cache_config()
@@ -423,7 +427,7 @@ class Engine:
     def _new_consumer(self, event: UsageEvent, ts: float) -> ConsumerState:
         cfg = self.config.settings_for(event.tenant, event.consumer)
         cs = ConsumerState(event.consumer, event.tenant, cfg, ts,
-                           self._alpha(cfg.token_spike.halflife_min))
+                           self._alpha(cfg.token_spike.halflife_min), self._hot(cfg))
         self._consumers[event.consumer] = cs
         return cs
 
@@ -662,41 +666,40 @@ class Engine:
         several call sizes varies far less than a bursty call rate, so this
         shape is caught sooner and smaller than by the rate windows."""
         tc = cs.cfg.token_spike
-        sz = cs.a  # the call-size figures start at SZ (see detectors.state)
-        k = sz[SZ + 7]
+        k = cs.sz_mn
         g = 0.8 ** (gap + 1)
-        sz[SZ + 3] = sz[SZ + 3] * g + sz[SZ + 5]
-        sz[SZ + 4] = sz[SZ + 4] * g + k
-        ml = sz[SZ + 5] / k if k > 0 else 0.0
+        cs.sz_fsum = cs.sz_fsum * g + cs.sz_msum
+        cs.sz_fn = cs.sz_fn * g + k
+        ml = cs.sz_msum / k if k > 0 else 0.0
         if k > 0:
-            if sz[SZ + 2] == 0:
-                sz[SZ], sz[SZ + 1], sz[SZ + 2] = ml, max(sz[SZ + 6] / k - ml * ml, 0.0), 1.0
-            elif learn and ml - sz[SZ] < math.log(2.0):
+            if cs.sz_n == 0:
+                cs.sz_mean, cs.sz_var, cs.sz_n = ml, max(cs.sz_msq / k - ml * ml, 0.0), 1.0
+            elif learn and ml - cs.sz_mean < math.log(2.0):
                 a = self._alpha(tc.halflife_min)
-                m = sz[SZ] + a * (ml - sz[SZ])
-                var = max(sz[SZ + 6] / k - 2.0 * m * ml + m * m, 0.0)  # mean of (x - m)^2
-                sz[SZ], sz[SZ + 2] = m, sz[SZ + 2] + 1.0
-                sz[SZ + 1] += a * (var - sz[SZ + 1])
-            sz[SZ + 5] = sz[SZ + 6] = sz[SZ + 7] = 0.0
-        fc = sz[SZ + 4]
+                m = cs.sz_mean + a * (ml - cs.sz_mean)
+                var = max(cs.sz_msq / k - 2.0 * m * ml + m * m, 0.0)  # mean of (x - m)^2
+                cs.sz_mean, cs.sz_n = m, cs.sz_n + 1.0
+                cs.sz_var += a * (var - cs.sz_var)
+            cs.sz_msum = cs.sz_msq = cs.sz_mn = 0.0
+        fc = cs.sz_fn
         # a minute closed this late (the consumer fell silent) is over: any
         # finding of it would already have resolved
         if (not tc.enabled or (gap + 1) * 60.0 >= tc.quiet_s
-                or sz[SZ + 2] < tc.size_warmup_min or fc < tc.min_calls
+                or cs.sz_n < tc.size_warmup_min or fc < tc.min_calls
                 or n < tc.min_calls or self._young(cs, ts) == INF):
             return
         # the last ~5 minutes, or (a busy consumer) the minute just closed alone
-        sd = max(math.sqrt(sz[SZ + 1]), 0.25)
+        sd = max(math.sqrt(cs.sz_var), 0.25)
         lr = math.log(tc.size_ratio)
-        fast = sz[SZ + 3] / fc
-        d = fast - sz[SZ]
-        if k == 0 or ml - sz[SZ] < 0.5 * lr:
+        fast = cs.sz_fsum / fc
+        d = fast - cs.sz_mean
+        if k == 0 or ml - cs.sz_mean < 0.5 * lr:
             return  # the minute just closed has no bigger calls: over (or stale)
         if d < lr or d < tc.size_z * sd / math.sqrt(fc):
             # the minute alone, for a busy consumer: call sizes are a mixture
             # (short chats, long documents) with a heavier tail than the
             # normal the z-test assumes, so a handful of calls is not enough
-            d = ml - sz[SZ]
+            d = ml - cs.sz_mean
             if k < 2 * tc.min_calls or d < lr or d < tc.size_z * sd / math.sqrt(k):
                 return
             fast = ml
@@ -707,7 +710,7 @@ class Engine:
         bp = vol.base_price()
         if bp > 0 and sc >= cs.cfg.cost_spike.price_ratio * bp * (st + 1.0):
             return  # the price changed too: cost_spike's
-        typical, now = math.expm1(sz[SZ]), math.expm1(fast)
+        typical, now = math.expm1(cs.sz_mean), math.expm1(fast)
         if (now - typical) * n < 0.5 * (st - base):
             return  # the bigger prompts do not explain the rise (outputs, more calls)
         self._fire(out, kind="token_spike", scope="consumer", subject=cs.key, tenant=cs.tenant,
@@ -1334,7 +1337,8 @@ class Engine:
 
     # --------------------------------------------------------------- runs
     def _rule_runs(self, cs: ConsumerState, event: UsageEvent, ts: float, tokens: int,
-                   failed: bool, tid: str | None, sid: str | None, out: list[Finding]) -> bool:
+                   in_tokens: int, failed: bool, tid: str | None, sid: str | None,
+                   out: list[Finding]) -> bool:
         """agent_loop and context_bloat; True when the call starts a run.
 
         agent_loop: a run (trace_id, else session_id) with more calls than
@@ -1360,8 +1364,9 @@ class Engine:
             r.last_ts = ts
         if len(r.ids) < 3:
             r.ids.append(event.event_id)
-        ac = cs.cfg.agent_loop
-        if ac.enabled and (r.calls >= ac.min_calls or r.tokens >= ac.min_tokens):
+        hot = cs.hot
+        if hot.al_enabled and (r.calls >= hot.al_min_calls or r.tokens >= hot.al_min_tokens):
+            ac = cs.cfg.agent_loop
             if cs.runs >= ac.warmup_runs:
                 thr_c = max(ac.min_calls, ac.ratio * (cs.run_calls or _NO_RUNS).limit(2.33, 0.1))
                 thr_t = max(ac.min_tokens,
@@ -1412,8 +1417,7 @@ class Engine:
         if failed:
             s.skipped += 1  # a turn that failed: the next success may add two
             return new_run
-        inp = event.input_tokens
-        bc = cs.cfg.context_bloat
+        inp = in_tokens
         # growth is history resent call after call: each call adds about one
         # turn, so the increments stay of a size.  A jump (x3 and more) or an
         # increment several times the usual one is not (e.g. prompts growing
@@ -1431,7 +1435,7 @@ class Engine:
             s.grow_n += 1
             per_turn = inc / turns
             s.grow_inc = per_turn if s.grow_n == 1 else 0.7 * s.grow_inc + 0.3 * per_turn
-            if s.grow_n + 1 >= bc.min_calls:
+            if s.grow_n + 1 >= hot.cb_min_calls:
                 s.flagged |= 8
                 r.flagged |= 8
         else:
@@ -1439,9 +1443,11 @@ class Engine:
             s.grow_first = inp
             s.grow_inc = 0.0
         s.last_input = inp
-        if (bc.enabled and s.grow_n + 1 >= bc.min_calls and inp >= bc.min_input_tokens
-                and inp >= bc.min_growth * max(s.grow_first, 1)
-                and event.cached_input_tokens <= bc.max_cached_share * inp
+        if not (hot.cb_enabled and s.grow_n + 1 >= hot.cb_min_calls
+                and inp >= hot.cb_min_input and inp >= hot.cb_min_growth * max(s.grow_first, 1)):
+            return new_run
+        bc = cs.cfg.context_bloat
+        if (event.cached_input_tokens <= bc.max_cached_share * inp
                 and not (s.flagged & 1 or r.flagged & 1)):  # an agent loop says more
             s.flagged |= 2
             sub = sid if sid is not None else tid

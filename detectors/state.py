@@ -27,31 +27,46 @@ from .baselines import (
 from .config import Settings
 from .record import Record
 from .reliability import FailWindow, HashWindow
-from .volume import VSIZE, Volume
+from .volume import Volume
 
 INF: Final = float("inf")
 
-# the consumer's float figures, after the Volume's in its array (a float
-# object per figure would cost three times as much)
-FIRST_TS: Final = VSIZE + 0
-LAST_TS: Final = VSIZE + 1
-M_TOK: Final = VSIZE + 2
-M_COST: Final = VSIZE + 3
-CPM_MEAN: Final = VSIZE + 4
-CPM_VAR: Final = VSIZE + 5
-NS: Final = VSIZE + 6
-FS: Final = VSIZE + 7
-NL: Final = VSIZE + 8
-FL: Final = VSIZE + 9
-F_BASE: Final = VSIZE + 10
-N_BASE: Final = VSIZE + 11
-TOK_MEAN: Final = VSIZE + 12
-M_FAIL: Final = VSIZE + 13
-# log input tokens of independent calls (token_spike, call-size rule): slow
-# per-minute EW mean and per-call variance, minutes learnt, a fast decayed sum
-# and count (~5 min), the current minute's sum, sum of squares and count
-SZ: Final = VSIZE + 14
-CSIZE: Final = SZ + 8
+
+
+class HotSettings:
+    """The settings the per-event path reads, copied out of one
+    :class:`~detectors.config.Settings`.  Compiled, this is a native class:
+    one read is a field load instead of two generic attribute lookups on the
+    frozen config dataclasses (a fifth of the per-event cost before).  Built
+    from the settings, never pickled (see :meth:`ConsumerState.__getstate__`).
+    """
+
+    __slots__ = ("al_enabled", "al_min_calls", "al_min_tokens", "attempt_alone",
+                 "cb_enabled", "cb_min_calls", "cb_min_growth", "cb_min_input",
+                 "fs_keep", "fs_long_tau", "fs_min_failures", "fs_short_tau",
+                 "rr_enabled", "rr_len_min", "rr_max_think", "rr_min_tokens")
+
+    def __init__(self, cfg: Settings) -> None:
+        fc = cfg.failure_spike
+        self.fs_short_tau: float = fc.short_tau_s
+        self.fs_long_tau: float = fc.long_tau_s
+        self.fs_min_failures: float = fc.min_failures
+        self.fs_keep: float = 1.0 - 1.0 / fc.baseline_halflife_calls
+        rc = cfg.runaway_reasoning
+        self.rr_enabled: bool = rc.enabled
+        self.rr_min_tokens: int = rc.min_tokens
+        self.rr_max_think: int = rc.max_think_tokens
+        self.rr_len_min: int = rc.length_min_reasoning
+        ac = cfg.agent_loop
+        self.al_enabled: bool = ac.enabled
+        self.al_min_calls: int = ac.min_calls
+        self.al_min_tokens: int = ac.min_tokens
+        bc = cfg.context_bloat
+        self.cb_enabled: bool = bc.enabled
+        self.cb_min_calls: int = bc.min_calls
+        self.cb_min_growth: float = bc.min_growth
+        self.cb_min_input: int = bc.min_input_tokens
+        self.attempt_alone: int = cfg.retry_storm.attempt_alone
 
 
 class ConsumerState(Volume):
@@ -62,148 +77,86 @@ class ConsumerState(Volume):
     __slots__ = (
         "calls",
         "cfg",
+        "cpm_mean",
+        "cpm_var",
+        "f_base",
+        "first_ts",
+        "fl",
+        "fs",
         "fwin",
+        "hot",
         "key",
+        "last_ts",
         "m_calls",
+        "m_cost",
+        "m_fail",
+        "m_tok",
         "mb1",
         "model1",
         "models",
+        "n_base",
+        "nl",
+        "ns",
         "run_calls",
         "run_tok",
+        "sz_fn",
+        "sz_fsum",
+        "sz_mean",
+        "sz_mn",
+        "sz_msq",
+        "sz_msum",
+        "sz_n",
+        "sz_var",
         "tenant",
+        "tok_mean",
         "tok_n",
         "tok_v",
     )
 
-    @property
-    def first_ts(self) -> float:
-        return self.a[FIRST_TS]
-
-    @first_ts.setter
-    def first_ts(self, v: float) -> None:
-        self.a[FIRST_TS] = v
-
-    # also the time the decayed failure counts refer to
-    @property
-    def last_ts(self) -> float:
-        return self.a[LAST_TS]
-
-    @last_ts.setter
-    def last_ts(self, v: float) -> None:
-        self.a[LAST_TS] = v
-
-    # current minute's tokens (whole numbers) and cost
-    @property
-    def m_tok(self) -> float:
-        return self.a[M_TOK]
-
-    @m_tok.setter
-    def m_tok(self, v: float) -> None:
-        self.a[M_TOK] = v
-
-    @property
-    def m_cost(self) -> float:
-        return self.a[M_COST]
-
-    @m_cost.setter
-    def m_cost(self, v: float) -> None:
-        self.a[M_COST] = v
-
-    # calls / minute: EW mean and variance (see baselines.EW)
-    @property
-    def cpm_mean(self) -> float:
-        return self.a[CPM_MEAN]
-
-    @cpm_mean.setter
-    def cpm_mean(self, v: float) -> None:
-        self.a[CPM_MEAN] = v
-
-    @property
-    def cpm_var(self) -> float:
-        return self.a[CPM_VAR]
-
-    @cpm_var.setter
-    def cpm_var(self, v: float) -> None:
-        self.a[CPM_VAR] = v
-
-    # failures: decayed counts (short and long window) and a slow baseline (EW
-    # failures / calls, counts with a half-life in calls)
-    @property
-    def ns(self) -> float:
-        return self.a[NS]
-
-    @ns.setter
-    def ns(self, v: float) -> None:
-        self.a[NS] = v
-
-    @property
-    def fs(self) -> float:
-        return self.a[FS]
-
-    @fs.setter
-    def fs(self, v: float) -> None:
-        self.a[FS] = v
-
-    @property
-    def nl(self) -> float:
-        return self.a[NL]
-
-    @nl.setter
-    def nl(self, v: float) -> None:
-        self.a[NL] = v
-
-    @property
-    def fl(self) -> float:
-        return self.a[FL]
-
-    @fl.setter
-    def fl(self, v: float) -> None:
-        self.a[FL] = v
-
-    @property
-    def f_base(self) -> float:
-        return self.a[F_BASE]
-
-    @f_base.setter
-    def f_base(self, v: float) -> None:
-        self.a[F_BASE] = v
-
-    @property
-    def n_base(self) -> float:
-        return self.a[N_BASE]
-
-    @n_base.setter
-    def n_base(self, v: float) -> None:
-        self.a[N_BASE] = v
-
-    # tokens / minute, EW mean (the variance: river, tok_v)
-    @property
-    def tok_mean(self) -> float:
-        return self.a[TOK_MEAN]
-
-    @tok_mean.setter
-    def tok_mean(self, v: float) -> None:
-        self.a[TOK_MEAN] = v
-
-    # current minute's failed distinct requests
-    @property
-    def m_fail(self) -> float:
-        return self.a[M_FAIL]
-
-    @m_fail.setter
-    def m_fail(self, v: float) -> None:
-        self.a[M_FAIL] = v
-
-
     def __init__(self, key: str, tenant: str, cfg: Settings, ts: float,
-                 tok_alpha: float | None = None) -> None:
+                 tok_alpha: float | None = None, hot: HotSettings | None = None) -> None:
         # 60 s / 5 min rate windows (token_spike, cost_spike), then the figures above
-        Volume.__init__(self, ts, CSIZE)
+        Volume.__init__(self, ts)
         self.key = key
         self.tenant = tenant
         self.cfg = cfg
-        a = self.a
-        a[FIRST_TS] = a[LAST_TS] = ts
+        self.hot = hot if hot is not None else HotSettings(cfg)
+        # The per-event figures are plain float attributes: compiled, a
+        # native class stores them unboxed (8 bytes each, as in an array) and
+        # reads them without a float object; in an array('d') every read and
+        # write boxed or unboxed one (a tenth of the per-event cost).
+        # Interpreted, each costs a float object (24 bytes) more.
+        self.first_ts: float = ts
+        self.last_ts: float = ts  # also the time the decayed failure counts refer to
+        # current minute's tokens (whole numbers), cost and failed distinct requests
+        self.m_tok: float = 0.0
+        self.m_cost: float = 0.0
+        self.m_fail: float = 0.0
+        # calls / minute: EW mean and variance (see baselines.EW)
+        self.cpm_mean: float = 0.0
+        self.cpm_var: float = 0.0
+        # failures: decayed counts (short and long window) and a slow baseline
+        # (EW failures / calls, counts with a half-life in calls)
+        self.ns: float = 0.0
+        self.fs: float = 0.0
+        self.nl: float = 0.0
+        self.fl: float = 0.0
+        self.f_base: float = 0.0
+        self.n_base: float = 0.0
+        # tokens / minute, EW mean (the variance: river, tok_v)
+        self.tok_mean: float = 0.0
+        # log input tokens of independent calls (token_spike, call-size rule):
+        # slow per-minute EW mean and per-call variance, minutes learnt, a fast
+        # decayed sum and count (~5 min), the current minute's sum, sum of
+        # squares and count
+        self.sz_mean: float = 0.0
+        self.sz_var: float = 0.0
+        self.sz_n: float = 0.0
+        self.sz_fsum: float = 0.0
+        self.sz_fn: float = 0.0
+        self.sz_msum: float = 0.0
+        self.sz_msq: float = 0.0
+        self.sz_mn: float = 0.0
         self.m_calls = 0
         # tokens / minute: a MinuteSeries kept in place (river EWVar, mean in the array)
         a_ = alpha_for_halflife(cfg.token_spike.halflife_min) if tok_alpha is None else tok_alpha
@@ -219,14 +172,20 @@ class ConsumerState(Volume):
         self.run_calls: LogBaseline | None = None
         self.run_tok: LogBaseline | None = None
 
+    def __getstate__(self) -> tuple[None, dict[str, Any]]:
+        # the settings come from the config at restore (Engine.restore)
+        st = Volume.__getstate__(self)
+        st[1].pop("hot", None)
+        return st
+
     def tok_update(self, x: float) -> None:
         """:meth:`MinuteSeries.update` of the tokens / minute series."""
-        self.a[TOK_MEAN] = minute_update(self.tok_v, self.tok_n, self.a[TOK_MEAN], x)
+        self.tok_mean = minute_update(self.tok_v, self.tok_n, self.tok_mean, x)
         self.tok_n += 1
 
     def tok_fill_zeros(self, k: int) -> None:
         k = min(k, MinuteSeries.MAX_FILL)
-        self.a[TOK_MEAN] = minute_fill_zeros(self.tok_v, self.tok_n, self.a[TOK_MEAN], k)
+        self.tok_mean = minute_fill_zeros(self.tok_v, self.tok_n, self.tok_mean, k)
         self.tok_n += max(k, 0)
 
     def tok_sd(self) -> float:

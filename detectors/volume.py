@@ -65,31 +65,7 @@ _MAX5_C: Final = _MEAN_T + 5
 _P1_T: Final = _MEAN_T + 6
 _P5_T: Final = _MEAN_T + 10  # same, 5 min windows
 _P_END: Final = _MEAN_T + 14
-# the window's running figures (floats in the array rather than float objects:
-# memory is per consumer): 60 s window tokens, cost, independent calls; the
-# pre-filter thresholds of the current bucket (tokens, cost, cost volume); the
-# heavy-hitter weights and decayed totals (60 s, 5 min)
-_WT: Final = _P_END + 0
-_WC: Final = _P_END + 1
-_WN: Final = _P_END + 2
-_THR_T: Final = _P_END + 3
-_THR_C: Final = _P_END + 4
-_THR_CF: Final = _P_END + 5
-_W1: Final = _P_END + 6
-_TOT1: Final = _P_END + 7
-_W5: Final = _P_END + 8
-_TOT5: Final = _P_END + 9
-VSIZE: Final = _P_END + 10  # the Volume's part of the array (a subclass may append fields)
-# for code that writes Volume.add out (the engine)
-V_WT: Final = _WT
-V_WC: Final = _WC
-V_WN: Final = _WN
-V_THR_T: Final = _THR_T
-V_THR_C: Final = _THR_C
-V_W1: Final = _W1
-V_TOT1: Final = _TOT1
-V_W5: Final = _W5
-V_TOT5: Final = _TOT5
+VSIZE: Final = _P_END  # the Volume's array
 # a source with at least this share of the decayed window (lower bound) dominates
 DOM_SHARE: Final = 0.3
 D1: Final = 0.5 ** (BUCKET_S / 30.0)  # 60 s tracker: weights halve in 30 s
@@ -101,13 +77,28 @@ _ZEROS: Final = (0.0,)
 class Volume(Record):
     """Per-consumer rate windows (see the module doc)."""
 
-    __slots__ = ("a", "b", "hits5", "m", "n", "src1", "src5")
+    __slots__ = ("a", "b", "hits5", "m", "n", "src1", "src5", "thr_c", "thr_cf", "thr_t",
+                 "tot1", "tot5", "w1", "w5", "wc", "wn", "wt")
 
     def __init__(self, ts: float, size: int = VSIZE) -> None:
         self.b = int(ts // BUCKET_S)  # current bucket
         self.m = int(ts // 60.0)  # current minute (of the 5 min ring)
-        a = self.a = array("d", _ZEROS) * size  # the two rings, the baselines, the figures
-        a[_THR_T] = a[_THR_C] = a[_THR_CF] = INF  # (thr_c may be below thr_cf: price rule)
+        self.a = array("d", _ZEROS) * size  # the two rings and the baselines
+        # the window's running figures, touched by every event: attributes
+        # (compiled, unboxed doubles; see ConsumerState): 60 s window tokens,
+        # cost, independent calls; the pre-filter thresholds of the current
+        # bucket (tokens, cost, cost volume); the heavy-hitter weights and
+        # decayed totals (60 s, 5 min)
+        self.wt: float = 0.0
+        self.wc: float = 0.0
+        self.wn: float = 0.0
+        self.thr_t: float = INF  # (thr_c may be below thr_cf: price rule)
+        self.thr_c: float = INF
+        self.thr_cf: float = INF
+        self.w1: float = 0.0
+        self.tot1: float = 0.0
+        self.w5: float = 0.0
+        self.tot5: float = 0.0
         self.src1: object = None  # heavy-hitter source (60 s), weight and total in the array
         self.src5: object = None  # same, 5 min
         # consecutive 5 min windows above threshold (bits 0-2 tokens, 3-5 cost, 6- persistent)
@@ -126,53 +117,51 @@ class Volume(Record):
         a[i] += tokens
         if indep:
             a[i + 2] += 1.0
-            a[_WN] += 1.0
+            self.wn += 1.0
         if tokens > a[i + 5]:  # the two largest calls
             if tokens > a[i + 3]:
                 a[i + 5] = a[i + 3]
                 a[i + 3] = tokens
             else:
                 a[i + 5] = tokens
-        wt = a[_WT] + tokens
-        a[_WT] = wt
+        wt = self.wt + tokens
+        self.wt = wt
         if cost:  # adding 0.0 changes nothing
             a[i + 1] += cost
             if cost > a[i + 4]:
                 a[i + 4] = cost
-            wc = a[_WC] + cost
-            a[_WC] = wc
+            wc = self.wc + cost
+            self.wc = wc
         else:
-            wc = a[_WC]
+            wc = self.wc
         x = tokens + 1.0
         # weighted Misra-Gries with one counter: the candidate's weight is a
         # lower bound of its true (decayed) weight
-        w = a[_W1]
+        w = self.w1
         if src == self.src1:
-            a[_W1] = w + x
+            self.w1 = w + x
         elif w >= x:
-            a[_W1] = w - x
+            self.w1 = w - x
         else:
             self.src1 = src
-            a[_W1] = x - w
-        a[_TOT1] += x
-        w = a[_W5]
+            self.w1 = x - w
+        self.tot1 += x
+        w = self.w5
         if src == self.src5:
-            a[_W5] = w + x
+            self.w5 = w + x
         elif w >= x:
-            a[_W5] = w - x
+            self.w5 = w - x
         else:
             self.src5 = src
-            a[_W5] = x - w
-        a[_TOT5] += x
-        return wt >= a[_THR_T] or wc >= a[_THR_C]
+            self.w5 = x - w
+        self.tot5 += x
+        return wt >= self.thr_t or wc >= self.thr_c
 
     def dominated1(self) -> bool:
-        a = self.a
-        return a[_W1] >= DOM_SHARE * a[_TOT1]
+        return self.w1 >= DOM_SHARE * self.tot1
 
     def dominated5(self) -> bool:
-        a = self.a
-        return a[_W5] >= DOM_SHARE * a[_TOT5]
+        return self.w5 >= DOM_SHARE * self.tot5
 
     def second1(self) -> float:
         """The second largest call's tokens in the 60 s window."""
@@ -208,14 +197,14 @@ class Volume(Record):
             m = a[_MEAN_T]
             m += alpha * (a[i] - m)
             a[_MEAN_T] = m * f
-            _pend(a, _MAX1_T, _P1_T, a[_WT] - mt, a[_THR_T], d, new_min)
+            _pend(a, _MAX1_T, _P1_T, self.wt - mt, self.thr_t, d, new_min)
         else:
             a[_P1_T] = a[_P1_T + 1] = 0.0
         if learn_c:
             m = a[_MEAN_C]
             m += alpha * (a[i + 1] - m)
             a[_MEAN_C] = m * f
-            _pend(a, _MAX1_C, _P1_T + 2, a[_WC] - mc, a[_THR_CF], d, new_min)
+            _pend(a, _MAX1_C, _P1_T + 2, self.wc - mc, self.thr_cf, d, new_min)
         else:
             a[_P1_T + 2] = a[_P1_T + 3] = 0.0
         self.n += 1
@@ -230,14 +219,13 @@ class Volume(Record):
             wt += a[o]
             wc += a[o + 1]
             wn += a[o + 2]
-        a[_WT], a[_WC], a[_WN] = wt, wc, wn
+        self.wt, self.wc, self.wn = wt, wc, wn
         g = D1 ** k
-        a[_W1] *= g
-        a[_TOT1] *= g
+        self.w1 *= g
+        self.tot1 *= g
 
     def set_thresholds(self, thr_t: float, thr_c: float, thr_cf: float) -> None:
-        a = self.a
-        a[_THR_T], a[_THR_C], a[_THR_CF] = thr_t, thr_c, thr_cf
+        self.thr_t, self.thr_c, self.thr_cf = thr_t, thr_c, thr_cf
 
     # --------------------------------------------------------------- minutes
     def window5(self, tokens: float, cost: float) -> tuple[float, float, float]:
@@ -294,37 +282,10 @@ class Volume(Record):
             a[o] = a[o + 1] = a[o + 2] = a[o + 3] = a[o + 4] = a[o + 5] = 0.0
         self.m = m
         g = D5 ** min(k, 100)
-        a[_W5] *= g
-        a[_TOT5] *= g
+        self.w5 *= g
+        self.tot5 *= g
 
     # ------------------------------------------------------------- figures
-    @property
-    def wt(self) -> float:
-        """Tokens in the 60 s window."""
-        return self.a[_WT]
-
-    @property
-    def wc(self) -> float:
-        """Cost in the 60 s window."""
-        return self.a[_WC]
-
-    @property
-    def wn(self) -> float:
-        """Independent calls in the 60 s window."""
-        return self.a[_WN]
-
-    @property
-    def thr_t(self) -> float:
-        return self.a[_THR_T]
-
-    @property
-    def thr_c(self) -> float:
-        return self.a[_THR_C]
-
-    @property
-    def thr_cf(self) -> float:
-        return self.a[_THR_CF]
-
     # ------------------------------------------------------------- baselines
     @property
     def mean_t(self) -> float:
