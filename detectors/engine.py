@@ -234,7 +234,7 @@ class Engine:
                         _seen_put(seen, rh, cs.key, ts if failed else -1.0)
                 if first is not None:
                     repeat_fail = self._repeat(cs, event, rh, k, rs, ts, failed, out, first)
-                elif ev["attempt"] is not None and ev["attempt"] >= hot.attempt_alone:
+                elif (att := ev["attempt"]) is not None and att >= hot.attempt_alone:
                     self._repeat(cs, event, rh, k, None, ts, failed, out, None)
             else:
                 repeat_fail = self._repeat(cs, event, rh, k, rs, ts, failed, out)

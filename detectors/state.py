@@ -158,7 +158,7 @@ class ConsumerState(Volume):
         self.sz_msq: float = 0.0
         self.sz_mn: float = 0.0
         self.m_calls = 0
-        # tokens / minute: a MinuteSeries kept in place (river EWVar, mean in the array)
+        # tokens / minute: a MinuteSeries kept in place (river EWVar, mean in tok_mean)
         a_ = alpha_for_halflife(cfg.token_spike.halflife_min) if tok_alpha is None else tok_alpha
         self.tok_v = stats.EWVar(fading_factor=a_)
         self.tok_n = 0

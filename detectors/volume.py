@@ -99,8 +99,8 @@ class Volume(Record):
         self.tot1: float = 0.0
         self.w5: float = 0.0
         self.tot5: float = 0.0
-        self.src1: object = None  # heavy-hitter source (60 s), weight and total in the array
-        self.src5: object = None  # same, 5 min
+        self.src1: object = None  # heavy-hitter source (60 s); its weight and total: w1, tot1
+        self.src5: object = None  # same, 5 min (w5, tot5)
         # consecutive 5 min windows above threshold (bits 0-2 tokens, 3-5 cost, 6- persistent)
         self.hits5 = 0
         self.n = 0  # 10 s buckets learnt
