@@ -38,16 +38,11 @@ from .episodes import EpisodeBook
 from .finding import Finding
 from .reliability import CLIENT, FailWindow, HashWindow, failure_class
 from .state import (
-    HAS_R,
     INF,
-    LAT,
-    RMAX,
-    THINK,
     ConsumerState,
     HotSettings,
     ModelCallBaseline,
     ModelState,
-    N,
     RepeatState,
     RunState,
 )
@@ -58,8 +53,9 @@ from .volume import (
 
 # 2: ConsumerState is its Volume; 3: failed first sightings keep their time;
 # 4: rate windows keep their second largest call; 5: persistent-window counter;
-# 6: the consumer's per-event figures are attributes, not array fields
-SNAPSHOT_VERSION: Final = 6
+# 6: the consumer's per-event figures are attributes, not array fields;
+# 7: so are the call-size baselines' (ModelCallBaseline)
+SNAPSHOT_VERSION: Final = 7
 TICK_S: Final = 15.0
 SWEEP_S: Final = 60.0
 EVICT_SWEEP_S: Final = 600.0
@@ -223,10 +219,16 @@ class Engine:
             rs: RepeatState | None = self._repeats.get(k)
             if rs is None:
                 seen = self._seen_cur
-                if rh not in seen and rh not in self._seen_prev:
-                    seen[rh] = (cs.key, ts) if failed else cs.key  # first sighting (_seen_put)
+                # most hashes are new: one probe of this generation's table
+                # both looks and records the first sighting (_seen_put)
+                n_seen = len(seen)
+                seen.setdefault(rh, (cs.key, ts) if failed else cs.key)
+                new = len(seen) != n_seen
+                if new and rh not in self._seen_prev:
                     first = None
                 else:
+                    if new:  # seen only in the previous generation: judge it there
+                        del seen[rh]
                     first = _seen_get(seen, rh, cs.key)
                     if first is None:
                         first = _seen_get(self._seen_prev, rh, cs.key)
@@ -298,9 +300,9 @@ class Engine:
                 b = cs.model_baseline(model)
             rsn: int = ev["reasoning_tokens"]
             if rsn > 0:
-                b[HAS_R] = 1.0
-                ms.size[HAS_R] = 1.0
-            think = float(rsn if b[HAS_R] else out_tokens)
+                b.has_r = 1.0
+                ms.size.has_r = 1.0
+            think = float(rsn if b.has_r else out_tokens)
             lat = (lat_ms or 0.0) / 1000.0
             if hot.rr_enabled:
                 # every rule needs min_tokens of thinking, or max_think_tokens,
@@ -308,13 +310,13 @@ class Engine:
                 if (think < hot.rr_min_tokens and think < hot.rr_max_think
                         and (rsn < hot.rr_len_min
                              or ev["finish_reason"] != "length")):
-                    if b[THINK + N] >= 200 and cs.calls % LEARN_SAMPLE:
+                    if b.t_n >= 200 and cs.calls % LEARN_SAMPLE:
                         # a settled baseline learns its mean/variance from one
                         # call in LEARN_SAMPLE; the recent maximum sees every call
-                        r = b[THINK + RMAX] * 0.998
-                        b[THINK + RMAX] = think if think > r else r
-                        r = b[LAT + RMAX] * 0.998
-                        b[LAT + RMAX] = lat if lat > r else r
+                        r = b.t_rmax * 0.998
+                        b.t_rmax = think if think > r else r
+                        r = b.l_rmax * 0.998
+                        b.l_rmax = lat if lat > r else r
                     else:
                         self._learn_call_size(cs, ms, b, think, lat)
                 else:
@@ -398,10 +400,10 @@ class Engine:
         models = {}
         for name, mb in cs.model_items():
             models[name] = {
-                "calls_seen": int(mb[THINK + N]),
-                "typical_reasoning_or_output_tokens": round(mb.geomean(THINK), 1),
-                "recent_max_reasoning_or_output_tokens": round(mb[THINK + RMAX], 1),
-                "typical_latency_s": round(mb.geomean(LAT), 2),
+                "calls_seen": int(mb.t_n),
+                "typical_reasoning_or_output_tokens": round(mb.t_geomean(), 1),
+                "recent_max_reasoning_or_output_tokens": round(mb.t_rmax, 1),
+                "typical_latency_s": round(mb.l_geomean(), 2),
                 "reports_reasoning": mb.has_reasoning,
             }
         fail_rate = cs.f_base / cs.n_base if cs.n_base > 0 else None
@@ -1230,14 +1232,14 @@ class Engine:
         # before the (consumer, model) baseline is warm, a reasoning model's
         # model-wide baseline stands in (output sizes of plain models vary too
         # much between consumers for that)
-        ref: ModelCallBaseline | None = b if b[THINK + N] >= rcfg.warmup_calls else (
-            ms.size if ms.size[THINK + N] >= rcfg.warmup_calls and ms.size.has_reasoning
+        ref: ModelCallBaseline | None = b if b.t_n >= rcfg.warmup_calls else (
+            ms.size if ms.size.t_n >= rcfg.warmup_calls and ms.size.has_reasoning
             else None)
         if (lat >= rcfg.max_latency_s and b.has_reasoning and think >= rcfg.min_tokens
                 and (ref is None or (
-                    (think >= ref.limit(THINK, 0.7 * rcfg.z)
-                     or think >= 0.5 * rcfg.extreme_max_ratio * ref[THINK + RMAX])
-                    and think >= rcfg.ratio_to_recent_max * ref[THINK + RMAX]))):
+                    (think >= ref.t_limit(0.7 * rcfg.z)
+                     or think >= 0.5 * rcfg.extreme_max_ratio * ref.t_rmax)
+                    and think >= rcfg.ratio_to_recent_max * ref.t_rmax))):
             # a long call that also thought unusually much (a slow call with a
             # normal amount of thinking is upstream latency, not runaway reasoning)
             rule = "max_latency"
@@ -1258,19 +1260,19 @@ class Engine:
             # ... and a call no bigger than the consumer's own calls so far
             # is no runaway for it, whatever the model's other consumers do
             if (think >= rcfg.min_tokens
-                    and (own or think >= rcfg.ratio_to_recent_max * b[THINK + RMAX])
-                    and (not own or think >= ref.limit(THINK, zt)
+                    and (own or think >= rcfg.ratio_to_recent_max * b.t_rmax)
+                    and (not own or think >= ref.t_limit(zt)
                          or think >= (rcfg.extreme_max_ratio if b.has_reasoning
-                                      else rcfg.extreme_max_ratio_output) * ref[THINK + RMAX])
-                    and think >= rmax_ratio * ref[THINK + RMAX]
-                    and think >= rcfg.ratio_to_mean * ref.geomean(THINK)):
+                                      else rcfg.extreme_max_ratio_output) * ref.t_rmax)
+                    and think >= rmax_ratio * ref.t_rmax
+                    and think >= rcfg.ratio_to_mean * ref.t_geomean()):
                 rule = "tokens"
             else:
                 if (lat >= rcfg.min_latency_s and b.has_reasoning and think >= rcfg.min_tokens
-                        and (own or lat >= rcfg.ratio_to_recent_max * b[LAT + RMAX])
-                        and (not own or lat >= ref.limit(LAT, rcfg.z))
-                        and lat >= rmax_ratio * ref[LAT + RMAX]
-                        and lat >= rcfg.ratio_to_mean * ref.geomean(LAT)):
+                        and (own or lat >= rcfg.ratio_to_recent_max * b.l_rmax)
+                        and (not own or lat >= ref.l_limit(rcfg.z))
+                        and lat >= rmax_ratio * ref.l_rmax
+                        and lat >= rcfg.ratio_to_mean * ref.l_geomean()):
                     rule = "latency"
         if rule is None:
             self._learn_call_size(cs, ms, b, think, lat)
@@ -1283,17 +1285,17 @@ class Engine:
         if len(hist) > 64:
             del hist[:-64]
         repeated = len(hist) >= rcfg.repeat_count
-        base_t = ref.geomean(THINK) if ref is not None else 0.0
-        base_l = ref.geomean(LAT) if ref is not None else 0.0
+        base_t = ref.t_geomean() if ref is not None else 0.0
+        base_l = ref.l_geomean() if ref is not None else 0.0
         if rule in ("max_latency", "latency"):
             obs, base, thr = lat, base_l, (rcfg.max_latency_s if rule == "max_latency" else
-                                           ref.limit(LAT, rcfg.z) if ref else 0.0)
+                                           ref.l_limit(rcfg.z) if ref else 0.0)
             what = f"ran {lat:.0f} s"
         else:
             obs, base = think, base_t
             thr = (rcfg.max_think_tokens if rule == "max_tokens" else
                    float(event.max_output_tokens or event.output_tokens)
-                   if rule == "reasoning_budget" else ref.limit(THINK, rcfg.z) if ref else 0.0)
+                   if rule == "reasoning_budget" else ref.t_limit(rcfg.z) if ref else 0.0)
             what = f"thought {think:.0f} tokens"
         summary = (f"{cs.key}: a {model} call {what} (typical {_fmt(base_t)} tokens, "
                    f"{base_l:.0f} s; rule {rule})")
@@ -1316,24 +1318,24 @@ class Engine:
     def _learn_call_size(cs: ConsumerState, ms: ModelState, b: ModelCallBaseline, think: float,
                          lat: float) -> None:
         """A normal call teaches the (consumer, model) and model-wide call-size baselines."""
-        if b[THINK + N] >= 200 and cs.calls % LEARN_SAMPLE:
+        if b.t_n >= 200 and cs.calls % LEARN_SAMPLE:
             # a settled baseline learns its mean/variance from one call in
             # LEARN_SAMPLE; the recent maximum sees every call
-            r = b[THINK + RMAX] * 0.998
-            b[THINK + RMAX] = think if think > r else r
-            r = b[LAT + RMAX] * 0.998
-            b[LAT + RMAX] = lat if lat > r else r
+            r = b.t_rmax * 0.998
+            b.t_rmax = think if think > r else r
+            r = b.l_rmax * 0.998
+            b.l_rmax = lat if lat > r else r
             return
         a = 0.02
         decay = 0.998
-        b.update(THINK, think, a, decay)
+        b.t_update(think, a, decay)
         if lat > 0:
-            b.update(LAT, lat, a, decay)
+            b.l_update(lat, a, decay)
         if ms.calls % MODEL_SAMPLE == 0:
             size = ms.size
-            size.update(THINK, think, a, decay)
+            size.t_update(think, a, decay)
             if lat > 0:
-                size.update(LAT, lat, a, decay)
+                size.l_update(lat, a, decay)
 
     # --------------------------------------------------------------- runs
     def _rule_runs(self, cs: ConsumerState, event: UsageEvent, ts: float, tokens: int,

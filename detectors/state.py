@@ -10,10 +10,8 @@ consumer actually uses, and request-hash trackers only once a hash repeats.
 from __future__ import annotations
 
 import math
-from array import array
 from typing import Any, Final
 
-from mypy_extensions import mypyc_attr
 from river import stats
 
 from .baselines import (
@@ -197,14 +195,14 @@ class ConsumerState(Volume):
             return self.mb1  # type: ignore[return-value]
         if self.model1 is None:
             self.model1 = model
-            b = self.mb1 = ModelCallBaseline.new()
+            b = self.mb1 = ModelCallBaseline()
             return b
         ms = self.models
         if ms is None:
             ms = self.models = {}
         b2 = ms.get(model)
         if b2 is None:
-            b2 = ms[model] = ModelCallBaseline.new()
+            b2 = ms[model] = ModelCallBaseline()
         return b2
 
     def model_count(self) -> int:
@@ -238,65 +236,83 @@ class ConsumerState(Volume):
         return self.m
 
 
-# ModelCallBaseline layout: two LogBaseline-like records (log mean, log
-# variance, recent max, count) and a flag
-THINK: Final = 0  # reasoning tokens (or output tokens without reasoning)
-LAT: Final = 4  # seconds
-RMAX: Final = 2  # offset of the recent maximum in a record
-N: Final = 3  # offset of the count
-HAS_R: Final = 8  # 1.0 once the model reported reasoning tokens
-_MCB_ZEROS: Final = array("d", (0.0,)) * 9
-
-
-# an array subclass cannot be a mypyc native class: compiled, it stays a
-# Python class (its methods are compiled)
-@mypyc_attr(native_class=False)
-class ModelCallBaseline(array):
+class ModelCallBaseline(Record):
     """Size and duration of one call, for one (consumer, model) or one model:
-    :class:`~detectors.baselines.LogBaseline` records (same recursion) of the
-    thinking (``THINK``) and the duration (``LAT``), packed in one
-    ``array('d')`` (one object instead of three plus six floats).
+    the :class:`~detectors.baselines.LogBaseline` recursion (log mean, log
+    variance, recent maximum, count) of the thinking (``t_``: reasoning
+    tokens, or output tokens for a model that reports no reasoning) and of the
+    duration in seconds (``l_``), written out as float attributes in one
+    record (compiled, a native class stores them unboxed: one object instead
+    of three, and no float boxed per read), and ``has_r``, 1.0 once the model
+    reported reasoning tokens.
 
-    >>> b = ModelCallBaseline.new()
-    >>> b.update(THINK, 100.0, 0.02, 0.998); b.update(THINK, 300.0, 0.02, 0.998)
+    >>> b = ModelCallBaseline()
+    >>> b.t_update(100.0, 0.02, 0.998); b.t_update(300.0, 0.02, 0.998)
     >>> ref = LogBaseline(); ref.update(100.0, 0.02, 0.998); ref.update(300.0, 0.02, 0.998)
-    >>> b.limit(THINK, 5.0) == ref.limit(5.0), b[THINK + RMAX] == ref.rmax, int(b[THINK + N])
+    >>> b.t_limit(5.0) == ref.limit(5.0), b.t_rmax == ref.rmax, int(b.t_n)
     (True, True, 2)
     """
 
-    __slots__ = ()
+    __slots__ = ("has_r", "l_m", "l_n", "l_rmax", "l_v", "t_m", "t_n", "t_rmax", "t_v")
 
-    @classmethod
-    def new(cls) -> ModelCallBaseline:
-        return cls("d", _MCB_ZEROS)
+    def __init__(self) -> None:
+        self.t_m = self.t_v = self.t_rmax = self.t_n = 0.0
+        self.l_m = self.l_v = self.l_rmax = self.l_n = 0.0
+        self.has_r = 0.0
 
     @property
     def has_reasoning(self) -> bool:
-        return self[HAS_R] != 0.0
+        return self.has_r != 0.0
 
-    def update(self, o: int, x: float, a: float, decay: float) -> None:
-        """:meth:`LogBaseline.update` of the record at ``o``."""
+    # the two recursions are written out twice, not shared through a helper
+    # taking the record's figures: this runs for most calls
+    def t_update(self, x: float, a: float, decay: float) -> None:
+        """:meth:`LogBaseline.update` of the thinking."""
         lx = math.log1p(x)
-        if self[o + 3] == 0:
-            self[o] = lx
+        if self.t_n == 0:
+            self.t_m = lx
         else:
-            m = self[o]
+            m = self.t_m
             d = lx - m
             inc = a * d
-            self[o] = m + inc
-            self[o + 1] = (1.0 - a) * (self[o + 1] + d * inc)
-        r = self[o + 2] * decay
-        self[o + 2] = x if x > r else r
-        self[o + 3] += 1.0
+            self.t_m = m + inc
+            self.t_v = (1.0 - a) * (self.t_v + d * inc)
+        r = self.t_rmax * decay
+        self.t_rmax = x if x > r else r
+        self.t_n += 1.0
 
-    def limit(self, o: int, z: float, sd_floor: float = 0.25) -> float:
-        """:meth:`LogBaseline.limit` of the record at ``o``."""
-        v = self[o + 1]
+    def l_update(self, x: float, a: float, decay: float) -> None:
+        """:meth:`LogBaseline.update` of the duration."""
+        lx = math.log1p(x)
+        if self.l_n == 0:
+            self.l_m = lx
+        else:
+            m = self.l_m
+            d = lx - m
+            inc = a * d
+            self.l_m = m + inc
+            self.l_v = (1.0 - a) * (self.l_v + d * inc)
+        r = self.l_rmax * decay
+        self.l_rmax = x if x > r else r
+        self.l_n += 1.0
+
+    def t_limit(self, z: float, sd_floor: float = 0.25) -> float:
+        """:meth:`LogBaseline.limit` of the thinking."""
+        v = self.t_v
         sd = math.sqrt(v) if v > 0 else 0.0
-        return math.expm1(self[o] + z * max(sd, sd_floor))
+        return math.expm1(self.t_m + z * max(sd, sd_floor))
 
-    def geomean(self, o: int) -> float:
-        return math.expm1(self[o])
+    def l_limit(self, z: float, sd_floor: float = 0.25) -> float:
+        """:meth:`LogBaseline.limit` of the duration."""
+        v = self.l_v
+        sd = math.sqrt(v) if v > 0 else 0.0
+        return math.expm1(self.l_m + z * max(sd, sd_floor))
+
+    def t_geomean(self) -> float:
+        return math.expm1(self.t_m)
+
+    def l_geomean(self) -> float:
+        return math.expm1(self.l_m)
 
 
 class RunState(Record):
@@ -383,7 +399,7 @@ class ModelState(Record):
         self.calls = 0
         self.last_ts = ts
         self.check_at = -INF
-        self.size = ModelCallBaseline.new()  # call sizes across consumers (runaway fallback)
+        self.size = ModelCallBaseline()  # call sizes across consumers (runaway fallback)
 
     def window(self, consumer: str) -> tuple[float, float]:
         """(calls, failures) of one consumer in the window."""
