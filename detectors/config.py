@@ -177,6 +177,11 @@ class TokenSpikeConfig:
     warmup_min: int = 40  # minutes since the consumer's first call before relative rules
     warmup_buckets: int = 60  # ... and 10 s buckets with calls (history of its windows)
     quiet_s: float = 300.0
+    # a spike that comes back within reopen_s of its episode's end at no more
+    # than reopen_ratio x that episode's peak reopens it (a bursty consumer's
+    # next burst is not news; a bigger one is a new finding); 0 disables
+    reopen_s: float = 7200.0
+    reopen_ratio: float = 2.0
     max_tokens_per_min: float = 0.0  # guardrail without warm-up; 0 disables
 
 
@@ -198,6 +203,8 @@ class CostSpikeConfig:
     price_jump: float = 4.0  # at this many times the baseline cost per token ...
     price_jump_volume_ratio: float = 3.0  # ... the 60 s cost need only be this x its mean
     quiet_s: float = 300.0
+    reopen_s: float = 7200.0  # as token_spike's
+    reopen_ratio: float = 2.0
     max_cost_per_min: float = 0.0  # guardrail without warm-up; 0 disables
 
 
@@ -386,6 +393,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "attempt_alone": (lambda x: x >= 1, "must be >= 1"),
     "extreme_max_ratio_output": (lambda x: x > 0, "must be > 0"),
     "persist_windows": (lambda x: x >= 2, "must be >= 2 (one window is a burst)"),
+    "reopen_s": (lambda x: x >= 0, "must be >= 0 (0: a spike never reopens its episode)"),
+    "reopen_ratio": _NONNEG,
 }
 
 

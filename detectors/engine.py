@@ -467,7 +467,8 @@ class Engine:
     def _fire(self, out: list[Finding], *, kind: str, scope: str, subject: str, tenant: str,
               consumer: str | None, model: str | None, ts: float, first_ts: float,
               observed: float, baseline: float, threshold: float, severity: str, action: str,
-              summary: str, evidence: dict[str, Any], quiet_s: float) -> None:
+              summary: str, evidence: dict[str, Any], quiet_s: float,
+              reopen_s: float = 0.0, reopen_ratio: float = 0.0) -> None:
         book = self._book
         ep = book.open.get((kind, scope, subject, tenant))
         if (ep is not None and ts - ep.last_touch <= ep.quiet_s and ts - ep.last_touch < 10.0
@@ -481,7 +482,8 @@ class Engine:
                               consumer=consumer, model=model, now=ts, first_ts=first_ts,
                               observed=observed, baseline=baseline, threshold=threshold,
                               severity=severity, action=action, summary=summary,
-                              evidence=evidence, quiet_s=quiet_s))
+                              evidence=evidence, quiet_s=quiet_s, reopen_s=reopen_s,
+                              reopen_ratio=reopen_ratio))
 
     def _is_open(self, kind: str, scope: str, subject: str, tenant: str, ts: float) -> bool:
         ep = self._book.open.get((kind, scope, subject, tenant))
@@ -728,7 +730,8 @@ class Engine:
                              "baseline_input_tokens_per_call": round(typical),
                              "tokens_per_min": round(st / 5.0), "calls": int(n),
                              "baseline_tokens_per_min": round(base / 5.0, 1)},
-                   quiet_s=tc.quiet_s)
+                   quiet_s=tc.quiet_s,
+                   reopen_s=tc.reopen_s, reopen_ratio=tc.reopen_ratio)
 
     # ------------------------------------------------------- token / cost
     def _rule_token_spike(self, cs: ConsumerState, ts: float, event: UsageEvent | None,
@@ -766,7 +769,8 @@ class Engine:
                             f"baseline of {_fmt(base)} and a recent normal high of "
                             f"{_fmt(rmax)} (threshold {_fmt(thr / win)}"
                             + (f", {lasting} minutes in a row)" if lasting else ")")),
-                   severity="warning", action="alert", evidence=evidence, quiet_s=tc.quiet_s)
+                   severity="warning", action="alert", evidence=evidence, quiet_s=tc.quiet_s,
+                   reopen_s=tc.reopen_s, reopen_ratio=tc.reopen_ratio)
 
     def _rule_cost_spike(self, cs: ConsumerState, ts: float, event: UsageEvent | None,
                          out: list[Finding], *, sustained: bool, obs: float, thr: float,
@@ -801,7 +805,8 @@ class Engine:
                    summary=(f"{cs.key}: cost {per_min:.3f}/min over the last {win:.0f} min "
                             f"vs a baseline of {base:.3f} (threshold {thr / win:.3f}); "
                             f"{price * 1e6:.2f} per Mtok vs {bp * 1e6:.2f}"),
-                   evidence=evidence, quiet_s=cc.quiet_s)
+                   evidence=evidence, quiet_s=cc.quiet_s,
+                   reopen_s=cc.reopen_s, reopen_ratio=cc.reopen_ratio)
 
     # ----------------------------------------------------------- failures
     def _failure_open(self, cs: ConsumerState) -> bool:

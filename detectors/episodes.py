@@ -8,6 +8,15 @@ last emission, or at most every ``interval_s`` of event time.  An episode that
 was not touched for its ``quiet_s`` is resolved (``status="resolved"``,
 ``resolved_at`` = last touch + quiet_s, a deterministic event time).
 
+Some behaviour comes and goes: a bursty consumer's token rate spikes, calms
+down and spikes again to the same level an hour later.  A kind touched with
+``reopen_s`` keeps its resolved episode that long; the behaviour coming back
+within that time at no more than ``reopen_ratio`` x the episode's peak
+reopens it (a new revision, firing again, ``evidence["recurrences"]``
+counted) instead of opening a second episode: the SRE already knows this
+consumer does it.  Bigger than that, at once or as it grows, it is news: a
+new episode (a reopened one that grows past the bar is resolved then).
+
 >>> book = EpisodeBook(interval_s=300, growth=1.5)
 >>> [f] = book.touch(kind="retry_storm", scope="consumer", subject="app", tenant="t",
 ...                consumer="app", model=None, now=100.0, first_ts=95.0, observed=10,
@@ -22,6 +31,24 @@ was not touched for its ``quiet_s`` is resolved (``status="resolved"``,
 []
 >>> [(r.revision, r.status) for r in book.resolve_due(200.0)]
 [(1, 'resolved')]
+
+A burst that comes back (``reopen_s``) reopens its episode, a bigger one does not:
+
+>>> kw = dict(kind="token_spike", scope="consumer", subject="app", tenant="t", consumer="app",
+...           model=None, baseline=1, threshold=6, severity="warning", action="alert",
+...           summary="s", evidence={}, quiet_s=60, reopen_s=3600, reopen_ratio=2.0)
+>>> [f] = book.touch(now=100.0, first_ts=100.0, observed=10, **kw)
+>>> [(r.revision, r.status) for r in book.resolve_due(200.0)]
+[(1, 'resolved')]
+>>> [(r.finding_id == f.finding_id, r.revision, r.status, r.evidence)
+...  for r in book.touch(now=1000.0, first_ts=1000.0, observed=15, **kw)]
+[(True, 2, 'firing', {'recurrences': 1})]
+>>> [(r.finding_id == f.finding_id, r.revision, r.status)  # it grew past 2 x 10
+...  for r in book.touch(now=1030.0, first_ts=1000.0, observed=25, **kw)]
+[(True, 3, 'resolved'), (False, 0, 'firing')]
+>>> _ = book.resolve_due(2000.0)
+>>> [r.revision for r in book.touch(now=3000.0, first_ts=3000.0, observed=60, **kw)]
+[0]
 """
 
 from __future__ import annotations
@@ -43,8 +70,9 @@ def dt(ts: float) -> datetime:
 class Episode(Record):
     __slots__ = ("action", "baseline", "consumer", "detected_ts", "evidence", "finding_id",
                  "first_ts", "kind", "last_emit_obs", "last_emit_ts", "last_touch", "model",
-                 "observed", "peak", "quiet_s", "revision", "scope", "severity", "subject",
-                 "summary", "tenant", "threshold", "touches")
+                 "observed", "peak", "quiet_s", "recurrences", "reopen_base", "reopen_ratio",
+                 "reopen_s", "resolved_ts", "revision", "scope", "severity", "subject", "summary",
+                 "tenant", "threshold", "touches")
     action: str
     baseline: float
     consumer: str | None
@@ -60,6 +88,11 @@ class Episode(Record):
     observed: float
     peak: float
     quiet_s: float
+    recurrences: int
+    reopen_base: float  # the peak before it reopened
+    reopen_ratio: float
+    reopen_s: float
+    resolved_ts: float
     revision: int
     scope: str
     severity: str
@@ -93,6 +126,8 @@ class EpisodeBook:
         # open episodes per subject: a cheap "nothing open for this consumer"
         # test before building the (kind, scope, subject, tenant) key
         self.subjects: dict[str, int] = {}
+        # resolved episodes that may still reopen (touched with reopen_s)
+        self.closed: dict[tuple[str, str, str, str], Episode] = {}
         self.interval_s = interval_s
         self.growth = growth
 
@@ -103,7 +138,7 @@ class EpisodeBook:
               consumer: str | None, model: str | None, now: float, first_ts: float,
               observed: float, baseline: float, threshold: float, severity: str,
               action: str, summary: str, evidence: dict[str, Any], quiet_s: float,
-              ) -> list[Finding]:
+              reopen_s: float = 0.0, reopen_ratio: float = 0.0) -> list[Finding]:
         """Open or update an episode; return the findings to emit (a resolution
         of an expired episode under the same key comes first)."""
         key = (kind, scope, subject, tenant)
@@ -112,6 +147,23 @@ class EpisodeBook:
         if ep is not None and now - ep.last_touch > ep.quiet_s:
             out = self.resolve_due(now, key)
             ep = None
+        if ep is None and self.closed:
+            old = self.closed.pop(key, None)
+            if (old is not None and now - old.resolved_ts <= old.reopen_s
+                    and observed <= old.reopen_ratio * old.peak):
+                old.recurrences += 1
+                old.revision += 1
+                old.touches += 1
+                old.reopen_base = old.peak
+                if observed > old.peak:
+                    old.peak = observed
+                self._set(old, now, observed, baseline, threshold, severity, action, summary,
+                          {**evidence, "recurrences": old.recurrences}, quiet_s)
+                old.last_emit_ts, old.last_emit_obs = now, observed
+                self.open[key] = old
+                self.subjects[subject] = self.subjects.get(subject, 0) + 1
+                out.append(old.finding())
+                return out
         if ep is None:
             ep = Episode()
             ep.kind, ep.scope, ep.subject, ep.tenant = kind, scope, subject, tenant
@@ -122,6 +174,10 @@ class EpisodeBook:
             ep.revision = 0
             ep.touches = 1
             ep.peak = observed
+            ep.recurrences = 0
+            ep.reopen_base = 0.0
+            ep.reopen_s, ep.reopen_ratio = reopen_s, reopen_ratio
+            ep.resolved_ts = 0.0
             self._set(ep, now, observed, baseline, threshold, severity, action, summary,
                       evidence, quiet_s)
             ep.last_emit_ts, ep.last_emit_obs = now, observed
@@ -129,7 +185,19 @@ class EpisodeBook:
             self.subjects[subject] = self.subjects.get(subject, 0) + 1
             out.append(ep.finding())
             return out
+        if ep.recurrences and observed > ep.reopen_ratio * ep.reopen_base:
+            # it came back, then grew past the bar: news after all.  The
+            # reopened episode ends here and a new one opens
+            out.append(self._close(key, ep, now, False))
+            return out + self.touch(
+                kind=kind, scope=scope, subject=subject, tenant=tenant, consumer=consumer,
+                model=model, now=now, first_ts=first_ts, observed=observed, baseline=baseline,
+                threshold=threshold, severity=severity, action=action, summary=summary,
+                evidence=evidence, quiet_s=quiet_s, reopen_s=reopen_s,
+                reopen_ratio=reopen_ratio)
         ep.touches += 1
+        if ep.recurrences:
+            evidence = {**evidence, "recurrences": ep.recurrences}
         escalated = (_SEV_RANK[severity] > _SEV_RANK[ep.severity]
                      or _ACT_RANK[action] > _ACT_RANK[ep.action])
         if _SEV_RANK[severity] < _SEV_RANK[ep.severity]:
@@ -157,6 +225,22 @@ class EpisodeBook:
             ep.last_touch = now
         return True
 
+    def _close(self, k: tuple[str, str, str, str], ep: Episode, end: float,
+               may_reopen: bool) -> Finding:
+        """Resolve an open episode at ``end``; keep it for reopening if asked."""
+        del self.open[k]
+        n = self.subjects[k[2]] - 1
+        if n:
+            self.subjects[k[2]] = n
+        else:
+            del self.subjects[k[2]]
+        ep.revision += 1
+        f = ep.finding(status="resolved", resolved_at=end, now=end)
+        if may_reopen:
+            ep.resolved_ts = end
+            self.closed[k] = ep
+        return f
+
     @staticmethod
     def _set(ep: Episode, now: float, observed: float, baseline: float, threshold: float,
              severity: str, action: str, summary: str, evidence: dict[str, Any],
@@ -171,6 +255,9 @@ class EpisodeBook:
                     ) -> list[Finding]:
         """Resolve episodes quiet for their quiet_s (all, or just ``key``)."""
         out: list[Finding] = []
+        if key is None and self.closed:
+            for k in [k for k, ep in self.closed.items() if now - ep.resolved_ts > ep.reopen_s]:
+                del self.closed[k]
         keys = [key] if key is not None else list(self.open)
         for k in keys:
             ep = self.open.get(k)
@@ -178,12 +265,5 @@ class EpisodeBook:
                 continue
             end = ep.last_touch + ep.quiet_s
             if now >= end:
-                del self.open[k]
-                n = self.subjects[k[2]] - 1
-                if n:
-                    self.subjects[k[2]] = n
-                else:
-                    del self.subjects[k[2]]
-                ep.revision += 1
-                out.append(ep.finding(status="resolved", resolved_at=end, now=end))
+                out.append(self._close(k, ep, end, ep.reopen_s > 0.0))
         return out

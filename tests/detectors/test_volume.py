@@ -226,3 +226,27 @@ def test_lasting_step_of_many_small_calls_is_caught_a_short_one_is_not():
     assert not first(run(evs + step(3)), "token_spike")  # three minutes: a burst
     strict = Engine(DetectorConfig.from_dict({"token_spike": {"persist_windows": 60}}))
     assert not first(run(evs + step(15), strict), "token_spike")  # the path is what caught it
+
+
+def test_a_burst_that_comes_back_reopens_its_finding_a_bigger_one_is_new():
+    base = T0 + 180 * 60
+
+    def with_steps(reopen_s: float) -> list:
+        evs = bursty("r", 300, rate=6.0)  # its normal traffic goes on throughout
+        for i0, start, gap in ((900_000, base, 0.25),  # 40x the mean rate for 5 min
+                               (910_000, base + 45 * 60, 0.25),  # the same, 45 min later
+                               (920_000, base + 90 * 60, 0.05)):  # 5x that, 45 min later
+            evs += [event(i0 + k, start + k * gap, "r", input_tokens=2000, output_tokens=250,
+                          request_hash=f"x{i0 + k}") for k in range(int(300 / gap))]
+        cfg = DetectorConfig.from_dict({"token_spike": {"reopen_s": reopen_s}})
+        return [f for f in run(evs, Engine(cfg)) if f.kind == "token_spike"]
+
+    fs = with_steps(7200.0)
+    opened = [f.detected_at.timestamp() - base for f in first(fs, "token_spike")]
+    assert len(opened) == 2 and opened[0] <= 60 and 90 * 60 <= opened[1] <= 91 * 60
+    again = [f for f in fs if f.status == "firing" and f.evidence.get("recurrences") == 1]
+    assert again and again[0].finding_id == first(fs, "token_spike")[0].finding_id
+    # detected_at stays the first detection; updated_at is when it came back
+    assert again[0].revision > 0 and 45 * 60 <= again[0].updated_at.timestamp() - base <= 46 * 60
+    # without reopening, the burst that came back is a finding of its own
+    assert len(first(with_steps(0.0), "token_spike")) == 3
