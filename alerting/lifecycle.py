@@ -249,9 +249,12 @@ class AlertBook:
                 a.last_sent = a.updated = now
                 return [self._note(a, "updated", now, previous)]
             act = action or "alert only"
+            # a reopened episode (a spike that came back) fires again from
+            # when it came back, not from its first detection
+            start = f.updated_at if f.evidence.get("recurrences") else f.detected_at
             a = Alert(fingerprint=fp, finding=f, state="firing", labels=labels_for(f),
                       annotations=annotations_for(f, act, self.runbook_url(f.kind)),
-                      starts_at=min(f.detected_at, now_dt), ends_at=None, action=act,
+                      starts_at=min(start, now_dt), ends_at=None, action=act,
                       last_sent=now, updated=now)
             self._alerts.pop(fp, None)  # re-insert: dict order = recency
             self._alerts[fp] = a

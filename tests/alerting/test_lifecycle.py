@@ -67,6 +67,14 @@ def test_dedup_update_resolve_and_refire():
     assert r.ends_at is not None and r.ends_at.timestamp() == clock.t
     assert b.apply(f.model_copy(update={"revision": 3, "status": "resolved"})) == []
     assert b.active_count() == 0
+    # a reopened episode (same finding, a later revision) fires again from
+    # when it came back
+    back = T0 + timedelta(seconds=12)  # the clock is at T0 + 15 s
+    [re] = b.apply(f.model_copy(update={"revision": 4, "updated_at": back,
+                                        "evidence": {"recurrences": 1}}), "alert only")
+    assert re.event == "firing" and re.starts_at == back
+    [re_end] = b.apply(f.model_copy(update={"revision": 5, "status": "resolved"}))
+    assert re_end.event == "resolved" and b.active_count() == 0
     [again] = b.apply(finding(at=T0 + timedelta(hours=1)), "alert only")
     assert again.event == "firing" and again.fingerprint == r.fingerprint
 
