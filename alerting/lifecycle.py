@@ -251,7 +251,9 @@ class AlertBook:
             act = action or "alert only"
             # a reopened episode (a spike that came back) fires again from
             # when it came back, not from its first detection
-            start = f.updated_at if f.evidence.get("recurrences") else f.detected_at
+            start = f.detected_at
+            if f.evidence.get("recurrences") and f.updated_at is not None:
+                start = f.updated_at
             a = Alert(fingerprint=fp, finding=f, state="firing", labels=labels_for(f),
                       annotations=annotations_for(f, act, self.runbook_url(f.kind)),
                       starts_at=min(start, now_dt), ends_at=None, action=act,
