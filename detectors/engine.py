@@ -54,8 +54,8 @@ from .volume import (
 # 2: ConsumerState is its Volume; 3: failed first sightings keep their time;
 # 4: rate windows keep their second largest call; 5: persistent-window counter;
 # 6: the consumer's per-event figures are attributes, not array fields;
-# 7: so are the call-size baselines' (ModelCallBaseline)
-SNAPSHOT_VERSION: Final = 7
+# 7: so are the call-size baselines' (ModelCallBaseline); 8: runs count failed calls
+SNAPSHOT_VERSION: Final = 8
 TICK_S: Final = 15.0
 SWEEP_S: Final = 60.0
 EVICT_SWEEP_S: Final = 600.0
@@ -1348,12 +1348,14 @@ class Engine:
                    out: list[Finding]) -> bool:
         """agent_loop and context_bloat; True when the call starts a run.
 
-        agent_loop: a run (trace_id, else session_id) with more calls than
-        max(min_calls, ratio x the consumer's long run), the long run being
+        agent_loop: a run (trace_id, else session_id) with more answered calls
+        than max(min_calls, ratio x the consumer's long run), the long run being
         exp(mean + 2.33 sd) of log(calls) over the consumer's completed runs
         (before ``warmup_runs`` runs: ``guard_calls``), or more tokens than
         max(min_tokens, token_ratio x the same for tokens).  Critical (block)
-        at ``critical_ratio`` x the threshold.
+        at ``critical_ratio`` x the threshold.  Failed calls do not count: an
+        agent whose calls time out and are retried makes more calls, but that
+        is the failures (failure_spike, retry_storm), not a loop.
 
         context_bloat (info): within a session (session_id, else trace_id),
         ``min_calls`` consecutive calls whose input grows each time, by
@@ -1366,13 +1368,16 @@ class Engine:
             r = runs[key] = RunState(cs.key, cs.tenant, ts, event.model)
         r.calls += 1
         new_run = r.calls == 1
+        if failed:
+            r.failed += 1
+        ans = r.calls - r.failed
         r.tokens += tokens
         if ts > r.last_ts:
             r.last_ts = ts
         if len(r.ids) < 3:
             r.ids.append(event.event_id)
         hot = cs.hot
-        if hot.al_enabled and (r.calls >= hot.al_min_calls or r.tokens >= hot.al_min_tokens):
+        if hot.al_enabled and (ans >= hot.al_min_calls or r.tokens >= hot.al_min_tokens):
             ac = cs.cfg.agent_loop
             if cs.runs >= ac.warmup_runs:
                 thr_c = max(ac.min_calls, ac.ratio * (cs.run_calls or _NO_RUNS).limit(2.33, 0.1))
@@ -1387,11 +1392,11 @@ class Engine:
                 thr_c = max(thr_c, ac.session_min_calls)
             # the token rule does not judge a run whose input grew call after
             # call for long (a session resending its history: context_bloat)
-            if r.calls >= thr_c or (r.tokens >= thr_t and r.calls >= 0.5 * thr_c
-                                    and not r.flagged & 8):
+            if ans >= thr_c or (r.tokens >= thr_t and ans >= 0.5 * thr_c
+                                and not r.flagged & 8):
                 r.flagged |= 1
-                by_calls = r.calls / thr_c >= r.tokens / thr_t
-                obs, thr = (float(r.calls), thr_c) if by_calls else (float(r.tokens), thr_t)
+                by_calls = ans / thr_c >= r.tokens / thr_t
+                obs, thr = (float(ans), thr_c) if by_calls else (float(r.tokens), thr_t)
                 crit = obs >= ac.critical_ratio * thr
                 base = ((cs.run_calls or _NO_RUNS).geomean() if by_calls
                         else (cs.run_tok or _NO_RUNS).geomean()) if cs.runs else 0.0
@@ -1401,13 +1406,14 @@ class Engine:
                            first_ts=r.first_ts, observed=obs, baseline=base, threshold=thr,
                            severity="critical" if crit else "warning",
                            action="block" if crit else "alert",
-                           summary=(f"{cs.key}: run {rid} made {r.calls} calls / "
+                           summary=(f"{cs.key}: run {rid} made {ans} answered calls / "
                                     f"{_fmt(r.tokens)} tokens in {ts - r.first_ts:.0f} s "
                                     f"(typical run {base:.0f} "
                                     f"{'calls' if by_calls else 'tokens'}, threshold "
                                     f"{_fmt(thr)})"),
-                           evidence={"trace_id": tid, "session_id": sid, "calls": r.calls,
-                                     "tokens": r.tokens, "event_ids": list(r.ids),
+                           evidence={"trace_id": tid, "session_id": sid, "calls": ans,
+                                     "failed_calls": r.failed, "tokens": r.tokens,
+                                     "event_ids": list(r.ids),
                                      "last_event_id": event.event_id},
                            quiet_s=ac.quiet_s)
         # context bloat, on the session
@@ -1483,7 +1489,7 @@ class Engine:
             if now - r.last_ts >= idle:
                 done.append(k)
                 if cs is not None and not r.flagged & 7:  # bit 8 (long growth) is normal
-                    cs.learn_run(float(r.calls), float(r.tokens))
+                    cs.learn_run(float(r.calls - r.failed), float(r.tokens))
         for k in done:
             del self._runs[k]
 

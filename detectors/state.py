@@ -318,8 +318,8 @@ class ModelCallBaseline(Record):
 class RunState(Record):
     """One agent run (trace_id) or session (session_id)."""
 
-    __slots__ = ("calls", "consumer", "first_ts", "flagged", "grow_first", "grow_inc", "grow_n",
-                 "ids", "last_input", "last_ts", "model", "skipped", "tenant", "tokens")
+    __slots__ = ("calls", "consumer", "failed", "first_ts", "flagged", "grow_first", "grow_inc",
+                 "grow_n", "ids", "last_input", "last_ts", "model", "skipped", "tenant", "tokens")
 
     def __init__(self, consumer: str, tenant: str, ts: float, model: str) -> None:
         self.consumer = consumer
@@ -328,6 +328,7 @@ class RunState(Record):
         self.first_ts = ts
         self.last_ts = ts
         self.calls = 0
+        self.failed = 0  # failed calls (agent_loop counts the answered ones)
         self.tokens = 0
         self.last_input = -1
         self.grow_n = 0

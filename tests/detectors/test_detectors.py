@@ -208,6 +208,29 @@ def test_agent_loop_and_normal_runs():
     assert any(f.severity == "critical" and f.action == "block" for f in loops)
 
 
+def test_agent_loop_counts_answered_calls_not_retried_failures():
+    def runs(timeouts: bool) -> list:
+        evs = []
+        i = 0
+        for r in range(30):  # normal runs of 3-20 calls
+            for k in range(3 + r % 18):
+                evs.append(event(i, T0 + 300 * r + 5 * k, "ag", trace_id=f"run{r}"))
+                i += 1
+        # a run of 20 steps during an outage: each step times out twice, then
+        # goes through (60 calls, 20 answered), or 60 answered steps
+        for k in range(60):
+            fail = timeouts and k % 3 < 2
+            evs.append(event(i + k, T0 + 9500 + 3 * k, "ag", trace_id="slow",
+                             request_hash=f"step{k // 3 if timeouts else k}",
+                             **({"status": 0, "error": "timeout", "output_tokens": 0}
+                                if fail else {})))
+        return [f for f in run(evs) if f.kind == "agent_loop"]
+
+    assert runs(timeouts=True) == []
+    [loop] = [f for f in runs(timeouts=False) if f.revision == 0]
+    assert loop.subject == "slow" and loop.evidence["failed_calls"] == 0
+
+
 def test_context_bloat_is_info():
     evs = [event(k, T0 + 30 * k, "cb", session_id="s1", input_tokens=3000 + 7000 * k)
            for k in range(15)]
