@@ -54,8 +54,9 @@ from .volume import (
 # 2: ConsumerState is its Volume; 3: failed first sightings keep their time;
 # 4: rate windows keep their second largest call; 5: persistent-window counter;
 # 6: the consumer's per-event figures are attributes, not array fields;
-# 7: so are the call-size baselines' (ModelCallBaseline); 8: runs count failed calls
-SNAPSHOT_VERSION: Final = 8
+# 7: so are the call-size baselines' (ModelCallBaseline); 8: runs count failed calls;
+# 9: the consumer's decayed count of all failed calls (fa)
+SNAPSHOT_VERSION: Final = 9
 TICK_S: Final = 15.0
 SWEEP_S: Final = 60.0
 EVICT_SWEEP_S: Final = 600.0
@@ -253,6 +254,9 @@ class Engine:
                 cs.fl *= dl
             elif cs.fl:
                 cs.fl *= dl
+            x = cs.fa
+            if x:
+                cs.fa = x * ds
         else:
             cs.ns += 1.0
             cs.nl += 1.0
@@ -271,6 +275,7 @@ class Engine:
         ms.cur_n += 1.0
         if failed:
             self._model_failed(ms, cs.key, event, ts, out)
+            cs.fa += 1.0
             if not repeat_fail:
                 cs.fs += 1.0
                 cs.fl += 1.0
@@ -880,10 +885,19 @@ class Engine:
         warm_rate = cs.tok_n >= rc.warmup_min
         rate_thr = max(rc.rate_min_calls, cpm_mean + rc.rate_z * cpm_sd)
         fail_thr = max(rc.rate_min_fail_share * rc.rate_min_calls, rc.rate_ratio * cpm_mean)
+        # most calls failing: failed distinct requests per call, or, when the
+        # failed distinct requests alone are above the consumer's normal high
+        # of calls per minute (rate_thr; a bursty consumer's batch minutes
+        # stay below it), failed calls per call, retries too: a storm of
+        # many requests each retried a normal two or three times
         fail_share = cs.fs / cs.ns
+        fail_rate = cs.fs * 60.0 / fc.short_tau_s
         w = cs.fwin
-        jump = (rate_now >= rate_thr and fail_share >= rc.rate_min_fail_share
-                and cs.fs * 60.0 / fc.short_tau_s >= fail_thr)
+        jump = rate_now >= rate_thr and fail_rate >= fail_thr and (
+            fail_share >= rc.rate_min_fail_share or (
+                fail_rate >= rate_thr and cs.fa / cs.ns >= rc.rate_min_fail_share))
+        if jump and fail_share < rc.rate_min_fail_share:
+            fail_share = cs.fa / cs.ns
         if not jump and w is not None and rc.enabled and warm_rate:
             # the exact window: calls and failures since the oldest failure of the
             # last minute (the decayed rate lags a sudden jump by tens of seconds)
@@ -943,7 +957,7 @@ class Engine:
             return  # looks like the upstream: the model scope decides
         if self._book.keep_alive("retry_storm", "consumer", cs.key, cs.tenant, ts):
             return  # the failures of an ongoing retry storm
-        if (rate_now >= rate_thr and fail_share >= rc.rate_min_fail_share and warm_rate
+        if (rate_now >= rate_thr and cs.fs / cs.ns >= rc.rate_min_fail_share and warm_rate
                 and rc.enabled and w.client_share(min(w.size, 10) - 1) < 0.5):
             return  # calls jumping, most failing: the retry_storm rate rule decides
         self._fire(out, kind="failure_spike", scope="consumer", subject=cs.key, tenant=cs.tenant,

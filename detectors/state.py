@@ -78,6 +78,7 @@ class ConsumerState(Volume):
         "cpm_mean",
         "cpm_var",
         "f_base",
+        "fa",
         "first_ts",
         "fl",
         "fs",
@@ -136,7 +137,8 @@ class ConsumerState(Volume):
         # failures: decayed counts (short and long window) and a slow baseline
         # (EW failures / calls, counts with a half-life in calls)
         self.ns: float = 0.0
-        self.fs: float = 0.0
+        self.fs: float = 0.0  # failed distinct requests (retries of a failing one not counted)
+        self.fa: float = 0.0  # every failed call, short window (the rate-jump rule's share)
         self.nl: float = 0.0
         self.fl: float = 0.0
         self.f_base: float = 0.0

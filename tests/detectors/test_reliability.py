@@ -102,6 +102,33 @@ def test_rate_jump_with_most_calls_failing_is_a_retry_storm():
     assert not first(fs, "failure_spike"), [f.summary for f in first(fs, "failure_spike")]
 
 
+def test_rate_jump_of_many_requests_each_retried_normally_is_a_retry_storm():
+    def jump(new_per_s: float) -> list:
+        rng = random.Random(5)
+        evs = traffic("j", T0, T0 + 6000, 2.0, rng, err=0.01)  # 30 calls / minute
+        t = T0 + 4200
+        i = 50_000
+        for k in range(int(300 * new_per_s)):  # new requests for 5 minutes, each
+            t0 = t + k / new_per_s  # attempt failing at 70 %, retried at most twice
+            for j in range(3):
+                d = event(i, t0 + j * (1 + 2 * j) + rng.random(), "j", request_hash=f"new{k}")
+                evs.append(d)
+                i += 1
+                if rng.random() >= 0.7:
+                    break
+                d.update(status=503, error="upstream_5xx", output_tokens=0,
+                         finish_reason="error")
+        return run(evs)
+
+    # 3 new requests a second (6x its usual calls), most calls failing, but
+    # only half the failed calls first attempts (normal retries): a storm
+    storms = first(jump(3.0), "retry_storm")
+    assert storms and storms[0].evidence["rule"] == "rate_jump"
+    assert storms[0].detected_at.timestamp() - (T0 + 4200) <= 60
+    # its usual rate of requests failing and retried twice: not extra calls
+    assert not first(jump(0.5), "retry_storm")
+
+
 def test_reported_attempt_counter_fires_at_the_fifth_attempt():
     rng = random.Random(11)
     evs = traffic("a", T0, T0 + 7200, 10.0, rng, err=0.01)
