@@ -890,14 +890,14 @@ class Engine:
         # of calls per minute (rate_thr; a bursty consumer's batch minutes
         # stay below it), failed calls per call, retries too: a storm of
         # many requests each retried a normal two or three times
-        fail_share = cs.fs / cs.ns
+        distinct_share = cs.fs / cs.ns
+        all_share = cs.fa / cs.ns
         fail_rate = cs.fs * 60.0 / fc.short_tau_s
         w = cs.fwin
         jump = rate_now >= rate_thr and fail_rate >= fail_thr and (
-            fail_share >= rc.rate_min_fail_share or (
-                fail_rate >= rate_thr and cs.fa / cs.ns >= rc.rate_min_fail_share))
-        if jump and fail_share < rc.rate_min_fail_share:
-            fail_share = cs.fa / cs.ns
+            distinct_share >= rc.rate_min_fail_share or (
+                fail_rate >= rate_thr and all_share >= rc.rate_min_fail_share))
+        fail_share = distinct_share if distinct_share >= rc.rate_min_fail_share else all_share
         if not jump and w is not None and rc.enabled and warm_rate:
             # the exact window: calls and failures since the oldest failure of the
             # last minute (the decayed rate lags a sudden jump by tens of seconds)
@@ -957,7 +957,7 @@ class Engine:
             return  # looks like the upstream: the model scope decides
         if self._book.keep_alive("retry_storm", "consumer", cs.key, cs.tenant, ts):
             return  # the failures of an ongoing retry storm
-        if (rate_now >= rate_thr and cs.fs / cs.ns >= rc.rate_min_fail_share and warm_rate
+        if (rate_now >= rate_thr and distinct_share >= rc.rate_min_fail_share and warm_rate
                 and rc.enabled and w.client_share(min(w.size, 10) - 1) < 0.5):
             return  # calls jumping, most failing: the retry_storm rate rule decides
         self._fire(out, kind="failure_spike", scope="consumer", subject=cs.key, tenant=cs.tenant,

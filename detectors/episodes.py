@@ -147,6 +147,11 @@ class EpisodeBook:
         if ep is not None and now - ep.last_touch > ep.quiet_s:
             out = self.resolve_due(now, key)
             ep = None
+        elif ep is not None and ep.recurrences and observed > ep.reopen_ratio * ep.reopen_base:
+            # it came back, then grew past the bar: news after all.  The
+            # reopened episode ends here and a new one opens
+            out = [self._close(key, ep, now, False)]
+            ep = None
         if ep is None and self.closed:
             old = self.closed.pop(key, None)
             if (old is not None and now - old.resolved_ts <= old.reopen_s
@@ -159,10 +164,7 @@ class EpisodeBook:
                     old.peak = observed
                 self._set(old, now, observed, baseline, threshold, severity, action, summary,
                           {**evidence, "recurrences": old.recurrences}, quiet_s)
-                old.last_emit_ts, old.last_emit_obs = now, observed
-                self.open[key] = old
-                self.subjects[subject] = self.subjects.get(subject, 0) + 1
-                out.append(old.finding())
+                out.append(self._open(key, old, now, observed))
                 return out
         if ep is None:
             ep = Episode()
@@ -180,21 +182,8 @@ class EpisodeBook:
             ep.resolved_ts = 0.0
             self._set(ep, now, observed, baseline, threshold, severity, action, summary,
                       evidence, quiet_s)
-            ep.last_emit_ts, ep.last_emit_obs = now, observed
-            self.open[key] = ep
-            self.subjects[subject] = self.subjects.get(subject, 0) + 1
-            out.append(ep.finding())
+            out.append(self._open(key, ep, now, observed))
             return out
-        if ep.recurrences and observed > ep.reopen_ratio * ep.reopen_base:
-            # it came back, then grew past the bar: news after all.  The
-            # reopened episode ends here and a new one opens
-            out.append(self._close(key, ep, now, False))
-            return out + self.touch(
-                kind=kind, scope=scope, subject=subject, tenant=tenant, consumer=consumer,
-                model=model, now=now, first_ts=first_ts, observed=observed, baseline=baseline,
-                threshold=threshold, severity=severity, action=action, summary=summary,
-                evidence=evidence, quiet_s=quiet_s, reopen_s=reopen_s,
-                reopen_ratio=reopen_ratio)
         ep.touches += 1
         if ep.recurrences:
             evidence = {**evidence, "recurrences": ep.recurrences}
@@ -224,6 +213,14 @@ class EpisodeBook:
         if now > ep.last_touch:
             ep.last_touch = now
         return True
+
+    def _open(self, k: tuple[str, str, str, str], ep: Episode, now: float,
+              observed: float) -> Finding:
+        """Put a new or reopened episode among the open ones; its finding."""
+        ep.last_emit_ts, ep.last_emit_obs = now, observed
+        self.open[k] = ep
+        self.subjects[k[2]] = self.subjects.get(k[2], 0) + 1
+        return ep.finding()
 
     def _close(self, k: tuple[str, str, str, str], ep: Episode, end: float,
                may_reopen: bool) -> Finding:

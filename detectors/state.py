@@ -30,7 +30,6 @@ from .volume import Volume
 INF: Final = float("inf")
 
 
-
 class HotSettings:
     """The settings the per-event path reads, copied out of one
     :class:`~detectors.config.Settings`.  Compiled, this is a native class:

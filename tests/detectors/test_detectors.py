@@ -193,13 +193,18 @@ def test_prompts_suddenly_bigger_at_the_usual_rate_is_a_token_spike():
         "baseline_input_tokens_per_call"]
 
 
-def test_agent_loop_and_normal_runs():
+def normal_runs(consumer: str) -> list[dict]:
+    """30 normal agent runs of 3-20 calls, one every 5 minutes from T0."""
     evs = []
-    i = 0
-    for r in range(30):  # normal runs of 3-20 calls
+    for r in range(30):
         for k in range(3 + r % 18):
-            evs.append(event(i, T0 + 300 * r + 5 * k, "ag", trace_id=f"run{r}"))
-            i += 1
+            evs.append(event(len(evs), T0 + 300 * r + 5 * k, consumer, trace_id=f"run{r}"))
+    return evs
+
+
+def test_agent_loop_and_normal_runs():
+    evs = normal_runs("ag")
+    i = len(evs)
     evs += [event(i + k, T0 + 9500 + 3 * k, "ag", trace_id="loop") for k in range(400)]
     fs = run(evs)
     loops = [f for f in fs if f.kind == "agent_loop"]
@@ -210,12 +215,8 @@ def test_agent_loop_and_normal_runs():
 
 def test_agent_loop_counts_answered_calls_not_retried_failures():
     def runs(timeouts: bool) -> list:
-        evs = []
-        i = 0
-        for r in range(30):  # normal runs of 3-20 calls
-            for k in range(3 + r % 18):
-                evs.append(event(i, T0 + 300 * r + 5 * k, "ag", trace_id=f"run{r}"))
-                i += 1
+        evs = normal_runs("ag")
+        i = len(evs)
         # a run of 20 steps during an outage: each step times out twice, then
         # goes through (60 calls, 20 answered), or 60 answered steps
         for k in range(60):
