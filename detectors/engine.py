@@ -338,8 +338,11 @@ class Engine:
             src = rh if rh is not None else event.event_id
             indep = True
 
-        # -- size of independent calls (token_spike, call-size rule)
-        if indep and not failed:
+        # -- call sizes (token_spike, call-size rule): every answered call but
+        # an agent run's later steps (their context grows by design); a
+        # conversation's turns count each, while the rate windows below count
+        # the conversation once (a few busy users are no change of traffic)
+        if (indep or tid is None) and not failed:
             lx = math.log1p(in_tokens)
             cs.sz_msum += lx
             cs.sz_msq += lx * lx
@@ -695,7 +698,7 @@ class Engine:
         # finding of it would already have resolved
         if (not tc.enabled or (gap + 1) * 60.0 >= tc.quiet_s
                 or cs.sz_n < tc.size_warmup_min or fc < tc.min_calls
-                or n < tc.min_calls or self._young(cs, ts) == INF):
+                or self._young(cs, ts) == INF):
             return
         # the last ~5 minutes, or (a busy consumer) the minute just closed alone
         sd = max(math.sqrt(cs.sz_var), 0.25)
@@ -716,11 +719,13 @@ class Engine:
         base = 5.0 * NB * vol.mean_t
         if st < max(5.0 * tc.min_tokens_per_min, tc.size_volume_ratio * base):
             return
+        if vol.dominated5():
+            return  # one conversation resending its growing history: context_bloat's
         bp = vol.base_price()
         if bp > 0 and sc >= cs.cfg.cost_spike.price_ratio * bp * (st + 1.0):
             return  # the price changed too: cost_spike's
         typical, now = math.expm1(cs.sz_mean), math.expm1(fast)
-        if (now - typical) * n < 0.5 * (st - base):
+        if (now - typical) * fc < 0.5 * (st - base):
             return  # the bigger prompts do not explain the rise (outputs, more calls)
         self._fire(out, kind="token_spike", scope="consumer", subject=cs.key, tenant=cs.tenant,
                    consumer=cs.key, model=None, ts=ts, first_ts=ts - 300.0,

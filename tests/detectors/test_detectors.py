@@ -193,6 +193,26 @@ def test_prompts_suddenly_bigger_at_the_usual_rate_is_a_token_spike():
         "baseline_input_tokens_per_call"]
 
 
+def test_bigger_prompts_in_a_chat_apps_conversations_are_a_token_spike():
+    """Every call a turn of one of 60 conversations: the call-size rule
+    counts each turn (the rate windows count a conversation once)."""
+    import random
+    rng = random.Random(5)
+    evs = []
+    t = T0
+    for i in range(1560):
+        t += rng.expovariate(1 / 6.0)
+        if i == 1500:
+            t0 = t
+        size = rng.lognormvariate(7.6, 0.9) * (10 if i >= 1500 else 1)
+        evs.append(event(i, t, "chat", input_tokens=int(size), request_hash=f"c{i}",
+                         session_id=f"s{i % 60}"))
+    assert "token_spike" not in kinds(run(evs[:1500]))
+    fs = [f for f in run(evs) if f.kind == "token_spike" and f.revision == 0]
+    assert fs and fs[0].evidence["rule"] == "call_size", [f.summary for f in fs]
+    assert fs[0].detected_at.timestamp() - t0 <= 300
+
+
 def normal_runs(consumer: str) -> list[dict]:
     """30 normal agent runs of 3-20 calls, one every 5 minutes from T0."""
     evs = []
