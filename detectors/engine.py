@@ -513,7 +513,7 @@ class Engine:
         thr_t = thr_c = INF
         if self._young(cs, ts) < INF:
             thr_t, thr_c = self._sustained(cs, ts, st, sc, n5, out)
-        self._call_size(cs, ts, st, sc, n5, learn_t, gap, out)
+        self._call_size(cs, ts, st, sc, learn_t, gap, out)
         vol.advance5(m, st, sc, learn_t, learn_c, 1.0 - self._alpha(tc.max_halflife_min),
                      thr_t, thr_c)
         ca = self._alpha(tc.halflife_min)
@@ -663,8 +663,8 @@ class Engine:
             self._rule_cost_spike(cs, ts, None, out, sustained=True, obs=sc, thr=thr_c, calls=n)
         return thr_t, thr_c
 
-    def _call_size(self, cs: ConsumerState, ts: float, st: float, sc: float, n: float,
-                   learn: bool, gap: int, out: list[Finding]) -> None:
+    def _call_size(self, cs: ConsumerState, ts: float, st: float, sc: float, learn: bool,
+                   gap: int, out: list[Finding]) -> None:
         """token_spike, call-size rule (prompts suddenly bigger, at the usual
         call rate), as each minute closes.  The mean log input tokens of the
         independent calls of the last ~5 minutes (decayed 0.8 per minute) is
@@ -738,7 +738,7 @@ class Engine:
                             f"of {_fmt(base / 5.0)}"),
                    evidence={"rule": "call_size", "input_tokens_per_call": round(now),
                              "baseline_input_tokens_per_call": round(typical),
-                             "tokens_per_min": round(st / 5.0), "calls": int(n),
+                             "tokens_per_min": round(st / 5.0), "calls": round(fc),
                              "baseline_tokens_per_min": round(base / 5.0, 1)},
                    quiet_s=tc.quiet_s,
                    reopen_s=tc.reopen_s, reopen_ratio=tc.reopen_ratio)
