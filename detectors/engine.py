@@ -55,8 +55,9 @@ from .volume import (
 # 4: rate windows keep their second largest call; 5: persistent-window counter;
 # 6: the consumer's per-event figures are attributes, not array fields;
 # 7: so are the call-size baselines' (ModelCallBaseline); 8: runs count failed calls;
-# 9: the consumer's decayed count of all failed calls (fa)
-SNAPSHOT_VERSION: Final = 9
+# 9: the consumer's decayed count of all failed calls (fa); 10: the baseline
+# price has its own means, learnt a minute late
+SNAPSHOT_VERSION: Final = 10
 TICK_S: Final = 15.0
 SWEEP_S: Final = 60.0
 EVICT_SWEEP_S: Final = 600.0
@@ -611,8 +612,10 @@ class Engine:
             if sc >= thr and n >= cc.min_calls:
                 self._rule_cost_spike(cs, ts, event, out, sustained=False, obs=sc,
                                       thr=thr, calls=n)
-        elif (st >= vol.thr_t and n >= tc.window_min_calls
-              and _spread(st, vol.second1(), NB * vol.mean_t, tc.spread_share)):
+        # tokens far above their baseline are a token spike at any price (a
+        # dearer price as well is the cost_spike's, reported beside it)
+        if (st >= vol.thr_t and n >= tc.window_min_calls
+                and _spread(st, vol.second1(), NB * vol.mean_t, tc.spread_share)):
             self._rule_token_spike(cs, ts, event, out, sustained=False, obs=st, thr=vol.thr_t,
                                    calls=n)
 
@@ -642,7 +645,7 @@ class Engine:
             tot_t = st + 1.0
             pricey = bp > 0 and sc >= cc.price_ratio * bp * tot_t
             hit_c = pricey and sc >= thr_c and n >= cc.min_calls and cc.enabled
-            hit_p = (not pricey and n >= tc.min_calls and tc.enabled
+            hit_p = (n >= tc.min_calls and tc.enabled
                      and _spread(st, vol.second5(), 5.0 * per_min * vol.mean_t,
                                  tc.spread_share))
             hit_t = hit_p and st >= thr_t
@@ -751,9 +754,9 @@ class Engine:
         every event; or 5 min, tested each minute, twice in a row, or
         ``lasting`` minutes in a row on the persistent path), without its
         largest call, above max(floor, ratio x its EW mean, ratio_to_recent_max
-        x the largest recent normal window), with ``min_calls`` calls, no
-        dominating source and the usual cost per token (see
-        :mod:`detectors.volume`).  ``obs`` and ``thr`` are per window."""
+        x the largest recent normal window), with ``min_calls`` calls and no
+        dominating source, at any price (see :mod:`detectors.volume`).
+        ``obs`` and ``thr`` are per window."""
         tc = cs.cfg.token_spike
         if not tc.enabled:
             return
@@ -789,7 +792,7 @@ class Engine:
         token_spike, on cost) *and not explained by token volume*: the cost
         per token is ``price_ratio`` x its baseline (a switch to an expensive
         model, or outputs instead of inputs).  A rise in volume at the usual
-        price is a token spike and is reported as such."""
+        price is a token spike only; at a dearer price, both."""
         cc = cs.cfg.cost_spike
         if not cc.enabled:
             return

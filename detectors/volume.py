@@ -26,10 +26,10 @@ A window fires when its trimmed total (largest call removed) is at least
 max(floor, ratio x EW mean, ratio_to_recent_max x recent normal maximum),
 it has ``min_calls`` calls and no single source dominates it.  token_spike
 also requires the excess to be spread over the calls (the second largest
-call at most ``spread_share`` of the excess over the EW mean) and the
-cost per token to be near its baseline (a change of price
-mix is cost_spike's); cost_spike requires it to be ``price_ratio`` x the
-baseline (more cost than the token volume explains).
+call at most ``spread_share`` of the excess over the EW mean);
+cost_spike requires the cost per token to be ``price_ratio`` x the
+baseline (more cost than the token volume explains).  A window can be
+both: ten times the calls on a dearer model is a token and a cost spike.
 
 >>> v = Volume(0)
 >>> v.add(100, 0.001, "a", 0), v.wt, v.wn
@@ -65,7 +65,15 @@ _MAX5_C: Final = _MEAN_T + 5
 _P1_T: Final = _MEAN_T + 6
 _P5_T: Final = _MEAN_T + 10  # same, 5 min windows
 _P_END: Final = _MEAN_T + 14
-VSIZE: Final = _P_END  # the Volume's array
+# the baseline price (cost per token = _PRICE_C / _PRICE_T): EW means of
+# tokens and cost per bucket as _MEAN_T and _MEAN_C, learnt from each bucket
+# as it leaves the 60 s window, a minute late: a switch to a dearer model
+# that also multiplies the calls would otherwise make its price the baseline
+# within a minute, before its cost_spike is seen (the EW means are volume
+# weighted, and the switch has most of the volume)
+_PRICE_T: Final = _P_END
+_PRICE_C: Final = _P_END + 1
+VSIZE: Final = _P_END + 2  # the Volume's array
 # a source with at least this share of the decayed window (lower bound) dominates
 DOM_SHARE: Final = 0.3
 D1: Final = 0.5 ** (BUCKET_S / 30.0)  # 60 s tracker: weights halve in 30 s
@@ -208,10 +216,20 @@ class Volume(Record):
         else:
             a[_P1_T + 2] = a[_P1_T + 3] = 0.0
         self.n += 1
-        # empty the buckets that are reused, recompute the window's sums
+        # empty the buckets that are reused, recompute the window's sums; a
+        # bucket leaving the window teaches the baseline price (see _PRICE_T)
+        pt, pc = a[_PRICE_T], a[_PRICE_C]
+        if learn_c:
+            g = (1.0 - alpha) ** min(k, 100_000)
+            pt *= g
+            pc *= g
         for j in range(1, min(k, NB) + 1):
             o = ((self.b + j) % NB) * NF
+            if learn_c:
+                pt += alpha * a[o]
+                pc += alpha * a[o + 1]
             a[o] = a[o + 1] = a[o + 2] = a[o + 3] = a[o + 4] = a[o + 5] = 0.0
+        a[_PRICE_T], a[_PRICE_C] = pt, pc
         self.b = b
         wt = wc = wn = 0.0
         for s_ in range(NB):
@@ -315,7 +333,7 @@ class Volume(Record):
     def base_price(self) -> float:
         """Baseline cost per token (ratio of the EW means), 0 if unknown."""
         a = self.a
-        return a[_MEAN_C] / a[_MEAN_T] if a[_MEAN_T] > 0 else 0.0
+        return a[_PRICE_C] / a[_PRICE_T] if a[_PRICE_T] > 0 else 0.0
 
 
 def _largest(a: array) -> tuple[float, float]:

@@ -88,6 +88,25 @@ def test_model_switch_is_a_cost_spike_not_a_token_spike():
     assert cost and cost[0].detected_at.timestamp() - t <= 120
 
 
+def test_switch_to_a_dearer_model_with_more_calls_is_a_cost_and_a_token_spike():
+    # one call a minute, then 15 a minute on a model 5x the price: the rise in
+    # volume must not teach the baseline price before the 60 s window is tested
+    rng = random.Random(3)
+    evs = [event(k, T0 + 60 * k + rng.random() * 30, "d", input_tokens=2000,
+                 output_tokens=250, cost=0.005, request_hash=f"c{k}") for k in range(180)]
+    t = T0 + 180 * 60
+    evs += [event(1000 + k, t + 4 * k + rng.random(), "d", "claude-opus-4", input_tokens=2000,
+                  output_tokens=250, cost=0.025, request_hash=f"o{k}") for k in range(150)]
+    fs = run(evs)
+    cost = first(fs, "cost_spike")
+    assert cost and cost[0].detected_at.timestamp() - t <= 60
+    # the baseline price is the one before the switch (2.22 per Mtok), not
+    # already pulled up by the first dear calls
+    assert cost[0].evidence["baseline_cost_per_mtok"] == pytest.approx(2.222, abs=0.01)
+    # 15x the tokens is a token spike too, at whatever price
+    assert first(fs, "token_spike")
+
+
 def test_tiny_consumer_never_pages():
     evs = [event(k, T0 + 120 * k, "tiny", input_tokens=300, request_hash=f"t{k}")
            for k in range(200)]
