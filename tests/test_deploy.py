@@ -170,7 +170,13 @@ def test_compose_structure() -> None:
 
 def test_dockerfile() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
-    assert text.count("FROM python:3.11-slim") == 1
+    # a build stage compiles the detectors into the wheel; the image installs
+    # that wheel and refuses to build if the compiled detectors do not load
+    assert text.count("FROM python:3.11-slim") == 2 and "AS build" in text
+    assert "tools/build_compiled.py" in text and "pip wheel --no-deps" in text
+    assert "IMPLEMENTATION != 'compiled'" in text
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text()
+    assert "!tools/build_compiled.py" in ignore
     assert "pip install ." in text and re.search(r"^USER 10001", text, re.M)
     assert '"run", "--host", "0.0.0.0"' in text and "/healthz" in text
 

@@ -152,6 +152,32 @@ def test_stale_build_never_runs(build: Path, tmp_path: Path) -> None:
     assert (r.stdout.strip(), r.stderr) == ("interpreted", "")
 
 
+def test_an_installed_copy_uses_the_build(build: Path, tmp_path: Path) -> None:
+    """``pip install .`` of a tree with a build installs the build with the
+    sources (package data), and the installed package uses it: what the
+    service image relies on (deploy/Dockerfile)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / f, src / f)
+    for d in ("ingest", "detectors", "alerting", "api"):
+        shutil.copytree(ROOT / d, src / d,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.new", "*.old"))
+    site = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                        "--target", str(site), str(src)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (site / "detectors" / "_compiled").iterdir()) == sorted(
+        p.name for p in build.iterdir())
+    code = "import detectors; print(detectors.__file__, detectors.IMPLEMENTATION)"
+    env = {**_env(False), "PYTHONPATH": str(site)}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    where, impl = r.stdout.split()
+    assert Path(where).is_relative_to(site) and impl == "compiled", r.stderr
+
+
 def test_doctests_of_the_sources(build: Path) -> None:
     """With the build loaded, pytest sees the compiled modules, whose
     functions and classes carry no collectable doctests: run them on the
