@@ -187,6 +187,11 @@ class TokenSpikeConfig:
     reopen_s: float = 7200.0
     reopen_ratio: float = 2.0
     max_tokens_per_min: float = 0.0  # guardrail without warm-up; 0 disables
+    # time of day: the windows' bars are also ratio_to_recent_max (60 s) and
+    # sustained_ratio_to_recent_max (5 min) x the highest window of this hour
+    # of the day (or the next) on earlier days, that high kept x daily_decay
+    # each day (0.5: halved); 0 disables (detectors.volume, Volume.prof)
+    daily_decay: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,6 +404,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "persist_windows": (lambda x: x >= 2, "must be >= 2 (one window is a burst)"),
     "reopen_s": (lambda x: x >= 0, "must be >= 0 (0: a spike never reopens its episode)"),
     "reopen_ratio": _NONNEG,
+    "daily_decay": (lambda x: 0.0 <= x < 1.0,
+                    "must be >= 0 and < 1 (the share of a high kept a day later; 0 disables)"),
 }
 
 

@@ -57,7 +57,7 @@ from .volume import (
 # 7: so are the call-size baselines' (ModelCallBaseline); 8: runs count failed calls;
 # 9: the consumer's decayed count of all failed calls (fa); 10: the baseline
 # price has its own means, learnt a minute late
-SNAPSHOT_VERSION: Final = 10
+SNAPSHOT_VERSION: Final = 11
 TICK_S: Final = 15.0
 SWEEP_S: Final = 60.0
 EVICT_SWEEP_S: Final = 600.0
@@ -579,11 +579,13 @@ class Engine:
         per_bucket = 60.0 / BUCKET_S
         vol.roll(b, learn_t, learn_c, self._alpha(tc.halflife_min * per_bucket),
                  1.0 - self._alpha(tc.max_halflife_min * per_bucket))
+        vol.enter_hour(ts, tc.daily_decay)
         young = self._young(cs, ts)
         if young < INF:
             win = NB * vol.mean_t
             thr_t = (max(tc.min_tokens_per_min, tc.ratio * win,
-                         young * tc.ratio_to_recent_max * vol.max1_t) if tc.enabled else INF)
+                         young * tc.ratio_to_recent_max * max(vol.max1_t, vol.dh1))
+                     if tc.enabled else INF)
             win = NB * vol.mean_c
             thr_c = (max(cc.min_cost_per_min, cc.ratio * win,
                          young * cc.ratio_to_recent_max * vol.max1_c) if cc.enabled else INF)
@@ -629,7 +631,7 @@ class Engine:
         young = self._young(cs, ts)
         thr_t = max(5.0 * tc.sustained_min_tokens_per_min,
                     tc.sustained_ratio * 5.0 * per_min * vol.mean_t,
-                    young * tc.sustained_ratio_to_recent_max * vol.max5_t)
+                    young * tc.sustained_ratio_to_recent_max * max(vol.max5_t, vol.dh5))
         thr_c = max(5.0 * cc.sustained_min_cost_per_min,
                     cc.sustained_ratio * 5.0 * per_min * vol.mean_c,
                     young * cc.sustained_ratio_to_recent_max * vol.max5_c)
@@ -638,7 +640,7 @@ class Engine:
         # high do not last ``persist_windows`` minutes in a row)
         thr_p = max(5.0 * tc.sustained_min_tokens_per_min,
                     tc.sustained_ratio * 5.0 * per_min * vol.mean_t,
-                    young * 0.5 * tc.sustained_ratio_to_recent_max * vol.max5_t)
+                    young * 0.5 * tc.sustained_ratio_to_recent_max * max(vol.max5_t, vol.dh5))
         hit_t = hit_c = hit_p = False
         if (st >= thr_p or sc >= thr_c) and not vol.dominated5():
             bp = vol.base_price()

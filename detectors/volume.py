@@ -16,6 +16,9 @@ one big call.  Per consumer, :class:`Volume` keeps
   count as zeros, so silences and bursts are part of normal) and a slowly
   decaying maximum of the *trimmed* window (window total minus its largest
   call), i.e. the consumer's recent normal worst case;
+* a time-of-day profile: the highest trimmed window of each hour of the day
+  on earlier days (one byte per hour and window size, see ``prof``), so that
+  a burst that comes at the same hour every day is that hour's normal;
 * two weighted Misra-Gries "heavy hitter" trackers (60 s and 5 min decay)
   of the call's source (trace, else session, else request hash, else the call
   itself): when one source makes up most of the window, the volume belongs
@@ -40,6 +43,7 @@ True
 
 from __future__ import annotations
 
+import math
 from array import array
 from typing import Final
 
@@ -80,13 +84,27 @@ D1: Final = 0.5 ** (BUCKET_S / 30.0)  # 60 s tracker: weights halve in 30 s
 D5: Final = 0.5 ** (60.0 / 150.0)  # 5 min tracker: weights halve in 150 s (decayed per minute)
 INF: Final = float("inf")
 _ZEROS: Final = (0.0,)
+# the time-of-day profile (see Volume.prof): one byte per hour and window
+# size, the value x coded as ceil(8 log2 x) (steps of 9 %, rounded up, so a
+# decoded high is never below the window that taught it)
+NH: Final = 24
+_DEC: Final = tuple([0.0] + [2.0 ** (q / 8.0) for q in range(1, 256)])
+
+
+def _enc(x: float) -> int:
+    """>>> _enc(0.0), _enc(1000.0), _DEC[_enc(1000.0)] >= 1000.0
+    (0, 80, True)"""
+    if x < 1.0:
+        return 0
+    q = math.ceil(8.0 * math.log2(x))
+    return 255 if q > 255 else (q if q > 0 else 1)
 
 
 class Volume(Record):
     """Per-consumer rate windows (see the module doc)."""
 
-    __slots__ = ("a", "b", "hits5", "m", "n", "src1", "src5", "thr_c", "thr_cf", "thr_t",
-                 "tot1", "tot5", "w1", "w5", "wc", "wn", "wt")
+    __slots__ = ("a", "b", "hits5", "hr", "m", "n", "prof", "src1", "src5",
+                 "thr_c", "thr_cf", "thr_t", "tot1", "tot5", "w1", "w5", "wc", "wn", "wt")
 
     def __init__(self, ts: float, size: int = VSIZE) -> None:
         self.b = int(ts // BUCKET_S)  # current bucket
@@ -112,6 +130,19 @@ class Volume(Record):
         # consecutive 5 min windows above threshold (bits 0-2 tokens, 3-5 cost, 6- persistent)
         self.hits5 = 0
         self.n = 0  # 10 s buckets learnt
+        # time of day: the highest trimmed 60 s (bytes 0-23) and 5 min
+        # (24-47) window seen in each hour of the day (UTC), coded (_enc),
+        # lowered by the daily decay each day the consumer is active in that
+        # hour; hr: the current hour since the epoch; dh1 / dh5 (bytes 48,
+        # 49): the high of this hour and of the next one on earlier days, as
+        # this hour began
+        # (today's windows never raise today's bar: the recent maximum does
+        # that).  Every window teaches it, spikes too: a burst that comes back
+        # at the same hour every day is that hour's normal, and one that does
+        # not has halved by the next day.  Tokens only (48 bytes; cost
+        # windows have no profile)
+        self.prof = bytearray(2 * NH + 2)  # + the codes of dh1, dh5
+        self.hr = -1
 
     # ------------------------------------------------------------ per event
     def add(self, tokens: int, cost: float, src: object, slot: int, indep: bool = True
@@ -201,6 +232,11 @@ class Volume(Record):
         # the recent maximum learns only from windows below the threshold, a
         # minute or two late (else it would chase a rise before it is detected)
         new_min = b // NB - self.b // NB
+        # the time-of-day profile learns every closing window (see prof)
+        v = self.wt - mt
+        hr = self.hr % NH
+        if self.hr >= 0 and v > _DEC[self.prof[hr]]:
+            self.prof[hr] = _enc(v)
         if learn_t:
             m = a[_MEAN_T]
             m += alpha * (a[i] - m)
@@ -241,6 +277,37 @@ class Volume(Record):
         g = D1 ** k
         self.w1 *= g
         self.tot1 *= g
+
+    def enter_hour(self, ts: float, decay: float) -> None:
+        """Keep the time-of-day profile on the hour of ``ts``: when a new
+        hour begins (``hr`` counts hours since the epoch), its bytes are
+        lowered by ``decay`` a day (in codes: 8 halves a high; 0 clears
+        them) and, with the next hour's as they will be, become dh1 / dh5."""
+        hr = int(ts // 3600.0)
+        if hr == self.hr:
+            return
+        day_step = 256 if decay <= 0.0 else round(-8.0 * math.log2(decay))
+        p = self.prof
+        h = hr % NH
+        nx = (h + 1) % NH
+        p[h] = p[h] - day_step if p[h] > day_step else 0
+        p[NH + h] = p[NH + h] - day_step if p[NH + h] > day_step else 0
+        n1 = p[nx] - day_step if p[nx] > day_step else 0
+        n5 = p[NH + nx] - day_step if p[NH + nx] > day_step else 0
+        p[2 * NH] = max(p[h], n1)
+        p[2 * NH + 1] = max(p[NH + h], n5)
+        self.hr = hr
+
+    @property
+    def dh1(self) -> float:
+        """The highest trimmed 60 s window of this hour of the day (or the
+        next) on earlier days, decayed; 0 if none."""
+        return _DEC[self.prof[2 * NH]]
+
+    @property
+    def dh5(self) -> float:
+        """The same, 5 min windows."""
+        return _DEC[self.prof[2 * NH + 1]]
 
     def set_thresholds(self, thr_t: float, thr_c: float, thr_cf: float) -> None:
         self.thr_t, self.thr_c, self.thr_cf = thr_t, thr_c, thr_cf
@@ -287,6 +354,9 @@ class Volume(Record):
             return
         d = max_decay_min ** min(k, 100_000)
         new_block = m // NM - self.m // NM
+        hr = NH + self.hr % NH
+        if self.hr >= 0 and st > _DEC[self.prof[hr]]:
+            self.prof[hr] = _enc(st)
         if learn_t:
             _pend(a, _MAX5_T, _P5_T, st, thr_t, d, new_block)
         else:

@@ -269,3 +269,47 @@ def test_a_burst_that_comes_back_reopens_its_finding_a_bigger_one_is_new():
     assert again[0].revision > 0 and 45 * 60 <= again[0].updated_at.timestamp() - base <= 46 * 60
     # without reopening, the burst that came back is a finding of its own
     assert len(first(with_steps(0.0), "token_spike")) == 3
+
+
+def test_a_burst_at_the_same_hour_every_day_is_that_hours_normal():
+    day = 86400.0
+
+    def days(daily_decay: float) -> list[float]:
+        """Opening times (s after T0) of token_spike findings: three days of
+        bursty traffic, 40x its mean rate for 5 min at 09:00 each day and, on
+        the third day, at 21:00 too."""
+        evs = bursty("d", 3 * 1440, rate=6.0)
+        bursts = [d * day + 9 * 3600 for d in range(3)] + [2 * day + 21 * 3600]
+        for j, start in enumerate(bursts):
+            i0 = 900_000 + 10_000 * j
+            evs += [event(i0 + k, T0 + start + k * 0.25, "d", input_tokens=2000,
+                          output_tokens=250, request_hash=f"x{i0 + k}") for k in range(1200)]
+        evs.sort(key=lambda e: e["ts"])
+        cfg = DetectorConfig.from_dict({"token_spike": {"daily_decay": daily_decay}})
+        return [f.detected_at.timestamp() - T0
+                for f in first(run(evs, Engine(cfg)), "token_spike")]
+
+    def at(t: float) -> bool:
+        return any(0 <= o - t <= 120 for o in opened)
+
+    opened = days(0.5)
+    # the first day's burst is news; the next days' at 09:00 are not, the
+    # same burst at 21:00, an hour it never came, is (the recent high, which
+    # the 09:00 burst taught, has decayed to an eighth by then)
+    assert at(9 * 3600) and at(2 * day + 21 * 3600)
+    assert not at(day + 9 * 3600) and not at(2 * day + 9 * 3600)
+    # without the time-of-day profile every 09:00 burst is a finding
+    opened = days(0.0)
+    assert at(9 * 3600) and at(day + 9 * 3600) and at(2 * day + 9 * 3600)
+
+
+def test_time_of_day_profile_codes_round_up_and_decay_per_day():
+    v = Volume(0.0)
+    v.enter_hour(9 * 3600.0, 0.5)
+    v.prof[9] = 80  # a 60 s high of about 1000 tokens at 09:00
+    v.enter_hour(10 * 3600.0, 0.5)
+    assert v.dh1 == 0.0  # nothing known for 10:00 / 11:00
+    v.enter_hour(86400.0 + 8 * 3600.0, 0.5)  # next day, 08:00: 09:00 is the next hour
+    assert 450 <= v.dh1 <= 550  # halved
+    v.enter_hour(86400.0 + 9 * 3600.0, 0.5)
+    assert v.prof[9] == 72 and 450 <= v.dh1 <= 550  # decayed once, not twice
