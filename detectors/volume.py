@@ -92,8 +92,11 @@ _DEC: Final = tuple([0.0] + [2.0 ** (q / 8.0) for q in range(1, 256)])
 
 
 def _enc(x: float) -> int:
-    """>>> _enc(0.0), _enc(1000.0), _DEC[_enc(1000.0)] >= 1000.0
-    (0, 80, True)"""
+    """The byte code of ``x`` (0 for nothing; decoded, never below ``x``).
+
+    >>> _enc(0.0), _enc(1000.0), _DEC[_enc(1000.0)] >= 1000.0
+    (0, 80, True)
+    """
     if x < 1.0:
         return 0
     q = math.ceil(8.0 * math.log2(x))
