@@ -103,6 +103,11 @@ def _enc(x: float) -> int:
     return 255 if q > 255 else (q if q > 0 else 1)
 
 
+def _lower(q: int, step: int) -> int:
+    """Code ``q`` a day later (``step`` codes less, not below 0)."""
+    return q - step if q > step else 0
+
+
 class Volume(Record):
     """Per-consumer rate windows (see the module doc)."""
 
@@ -136,14 +141,13 @@ class Volume(Record):
         # time of day: the highest trimmed 60 s (bytes 0-23) and 5 min
         # (24-47) window seen in each hour of the day (UTC), coded (_enc),
         # lowered by the daily decay each day the consumer is active in that
-        # hour; hr: the current hour since the epoch; dh1 / dh5 (bytes 48,
-        # 49): the high of this hour and of the next one on earlier days, as
-        # this hour began
-        # (today's windows never raise today's bar: the recent maximum does
-        # that).  Every window teaches it, spikes too: a burst that comes back
-        # at the same hour every day is that hour's normal, and one that does
-        # not has halved by the next day.  Tokens only (48 bytes; cost
-        # windows have no profile)
+        # hour; bytes 48, 49: dh1 / dh5, the highs of this hour and the next
+        # on earlier days, as this hour began (today's windows never raise
+        # today's bar: the recent maximum does that); hr: the current hour
+        # since the epoch.  Every window teaches it, spikes too: a burst that
+        # comes back at the same hour every day is that hour's normal, and
+        # one that does not has halved by the next day.  Tokens only (cost
+        # windows have no profile: see docs/detectors.md, State)
         self.prof = bytearray(2 * NH + 2)  # + the codes of dh1, dh5
         self.hr = -1
 
@@ -293,12 +297,9 @@ class Volume(Record):
         p = self.prof
         h = hr % NH
         nx = (h + 1) % NH
-        p[h] = p[h] - day_step if p[h] > day_step else 0
-        p[NH + h] = p[NH + h] - day_step if p[NH + h] > day_step else 0
-        n1 = p[nx] - day_step if p[nx] > day_step else 0
-        n5 = p[NH + nx] - day_step if p[NH + nx] > day_step else 0
-        p[2 * NH] = max(p[h], n1)
-        p[2 * NH + 1] = max(p[NH + h], n5)
+        for w in (0, NH):  # 60 s, 5 min
+            q = p[w + h] = _lower(p[w + h], day_step)
+            p[2 * NH + w // NH] = max(q, _lower(p[w + nx], day_step))
         self.hr = hr
 
     @property
