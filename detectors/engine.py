@@ -277,10 +277,10 @@ class Engine:
         if failed:
             self._model_failed(ms, cs.key, event, ts, out)
             cs.fa += 1.0
+            cs.m_fail += 1.0
             if not repeat_fail:
                 cs.fs += 1.0
                 cs.fl += 1.0
-                cs.m_fail += 1.0
             self._rule_failures(cs, ms, event, ts, out, repeat_fail)
         # failure baseline (calls that belong to an open failure episode do not teach it)
         fs = cs.fs
@@ -520,10 +520,15 @@ class Engine:
         ca = self._alpha(tc.halflife_min)
         if learn_t:
             cs.tok_update(x_tok)
-        # a minute where most distinct requests failed does not teach the call
-        # rate (a retry storm would raise the bar it is measured against)
+        # a minute where most calls failed (retries included), or while the
+        # consumer's failure spike or retry storm is open, does not teach the
+        # call rate: a storm of requests each retried a normal two or three
+        # times would raise the bar it is measured against (a failure spike
+        # turning into a storm: its calls x8 in 20 minutes took the mean x4
+        # and the sd x4 when only most distinct requests counted)
         m_fail = cs.m_fail
-        if learn_t and (m_fail < 3 or 2 * m_fail < x_calls):
+        if learn_t and (m_fail < 3 or 2 * m_fail < x_calls) and not (
+                cs.key in self._book.subjects and self._failing(cs)):
             # calls per minute: EW mean / variance (the recursion of baselines.EW)
             d = x_calls - cs.cpm_mean
             inc = ca * d
@@ -826,6 +831,12 @@ class Engine:
     # ----------------------------------------------------------- failures
     def _failure_open(self, cs: ConsumerState) -> bool:
         return ("failure_spike", "consumer", cs.key, cs.tenant) in self._book.open
+
+    def _failing(self, cs: ConsumerState) -> bool:
+        """Is a failure spike or retry storm of the consumer open?"""
+        op = self._book.open
+        return (("failure_spike", "consumer", cs.key, cs.tenant) in op
+                or ("retry_storm", "consumer", cs.key, cs.tenant) in op)
 
     def _p0(self, f_base: float, n_base: float, prior_rate: float, prior_calls: float) -> float:
         return (f_base + prior_rate * prior_calls) / (n_base + prior_calls)
@@ -1404,9 +1415,9 @@ class Engine:
         if hot.al_enabled and (ans >= hot.al_min_calls or r.tokens >= hot.al_min_tokens):
             ac = cs.cfg.agent_loop
             if cs.runs >= ac.warmup_runs:
-                thr_c = max(ac.min_calls, ac.ratio * (cs.run_calls or _NO_RUNS).limit(2.33, 0.1))
+                thr_c = max(ac.min_calls, ac.ratio * (cs.run_calls or _NO_RUNS).high(2.33, 0.1))
                 thr_t = max(ac.min_tokens,
-                            ac.token_ratio * (cs.run_tok or _NO_RUNS).limit(2.33, 0.1))
+                            ac.token_ratio * (cs.run_tok or _NO_RUNS).high(2.33, 0.1))
             else:
                 thr_c = float(max(ac.min_calls, ac.guard_calls))
                 thr_t = float(max(ac.min_tokens, 10 * ac.min_tokens))

@@ -126,7 +126,7 @@ class ConsumerState(Volume):
         # Interpreted, each costs a float object (24 bytes) more.
         self.first_ts: float = ts
         self.last_ts: float = ts  # also the time the decayed failure counts refer to
-        # current minute's tokens (whole numbers), cost and failed distinct requests
+        # current minute's tokens (whole numbers), cost and failed calls (retries too)
         self.m_tok: float = 0.0
         self.m_cost: float = 0.0
         self.m_fail: float = 0.0

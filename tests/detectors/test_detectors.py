@@ -252,6 +252,26 @@ def test_agent_loop_counts_answered_calls_not_retried_failures():
     assert loop.subject == "slow" and loop.evidence["failed_calls"] == 0
 
 
+def test_agent_loop_bar_is_the_longest_normal_run_not_a_log_normal_tail():
+    # runs of 1 to 30 calls (tau-bench's tool calls reach 27), many of them
+    # a single call: a log-normal fitted to them puts its 99th percentile
+    # near 60 calls, past anything this consumer ever ran
+    def runs(loop_calls: int) -> list:
+        evs = []
+        for r in range(60):
+            n = (1, 30, 2, 25, 1, 28, 3, 1, 12, 30)[r % 10]
+            for k in range(n):
+                evs.append(event(len(evs), T0 + 300 * r + 5 * k, "ag", trace_id=f"run{r}"))
+        i = len(evs)
+        evs += [event(i + k, T0 + 18_500 + 3 * k, "ag", trace_id="long")
+                for k in range(loop_calls)]
+        return [f for f in run(evs) if f.kind == "agent_loop" and f.revision == 0]
+
+    assert runs(30) == []  # as long as its longest normal runs
+    [loop] = runs(48)  # 1.6x them
+    assert loop.subject == "long" and loop.threshold <= 46
+
+
 def test_context_bloat_is_info():
     evs = [event(k, T0 + 30 * k, "cb", session_id="s1", input_tokens=3000 + 7000 * k)
            for k in range(15)]

@@ -129,6 +129,36 @@ def test_rate_jump_of_many_requests_each_retried_normally_is_a_retry_storm():
     assert not first(jump(0.5), "retry_storm")
 
 
+def test_failure_spike_ramping_into_a_storm_is_a_retry_storm():
+    # a bursty consumer (150 calls in one minute of every five), then calm;
+    # new requests ramp from none to 6 a second over 20 minutes, 80 % of
+    # attempts failing, each retried at most twice (so only about half the
+    # failed calls are first attempts): a failure spike at first, then a
+    # storm.  The ramp's minutes must not teach the call rate it is measured
+    # against (they did: no storm at all before)
+    rng = random.Random(11)
+    evs = []
+    for b in range(0, 4200, 300):
+        evs += traffic("ramp", T0 + b, T0 + b + 60, 0.4, rng, err=0.01, tag=f"b{b}")
+    evs += traffic("ramp", T0 + 4200, T0 + 6000, 2.0, rng, err=0.01, tag="x")
+    t, i, k = T0 + 4200.0, 50_000, 0
+    while t < T0 + 5400:
+        t += rng.expovariate(6.0 * (t - T0 - 4200) / 1200 + 0.01)
+        for j in range(3):
+            d = event(i, t + j * (1 + 2 * j) + rng.random(), "ramp", request_hash=f"new{k}")
+            evs.append(d)
+            i += 1
+            if rng.random() >= 0.8:
+                break
+            d.update(status=503, error="upstream_5xx", output_tokens=0, finish_reason="error")
+        k += 1
+    fs = run(evs)
+    storms = first(fs, "retry_storm")
+    assert storms and storms[0].evidence["rule"] == "rate_jump", [
+        f.summary for f in first(fs, "failure_spike")]
+    assert storms[0].detected_at.timestamp() < T0 + 5400
+
+
 def test_reported_attempt_counter_fires_at_the_fifth_attempt():
     rng = random.Random(11)
     evs = traffic("a", T0, T0 + 7200, 10.0, rng, err=0.01)
