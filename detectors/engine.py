@@ -735,7 +735,12 @@ class Engine:
         if bp > 0 and sc >= cs.cfg.cost_spike.price_ratio * bp * (st + 1.0):
             return  # the price changed too: cost_spike's
         typical, now = math.expm1(cs.sz_mean), math.expm1(fast)
-        if (now - typical) * fc < 0.5 * (st - base):
+        # the bigger prompts must make at least half the rise (not outputs,
+        # not more calls).  An agent consumer's runs are sized by their first
+        # call only, while every step's prompt grew with it: each sized call
+        # stands for the calls per sized call of the minute just closed
+        per = cs.m_calls / k if cs.m_calls > k else 1.0
+        if (now - typical) * fc * per < 0.5 * (st - base):
             return  # the bigger prompts do not explain the rise (outputs, more calls)
         self._fire(out, kind="token_spike", scope="consumer", subject=cs.key, tenant=cs.tenant,
                    consumer=cs.key, model=None, ts=ts, first_ts=ts - 300.0,

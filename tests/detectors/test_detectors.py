@@ -8,7 +8,7 @@ from detectors import DetectorConfig, Engine, Finding
 from detectors.scoring import format_report, score
 from ingest.event import UsageEvent
 
-from .synth import T0, Synth, event
+from .synth import T0, Synth, event, iso
 
 
 def run(evs: list[dict], eng: Engine | None = None) -> list[Finding]:
@@ -211,6 +211,33 @@ def test_bigger_prompts_in_a_chat_apps_conversations_are_a_token_spike():
     fs = [f for f in run(evs) if f.kind == "token_spike" and f.revision == 0]
     assert fs and fs[0].evidence["rule"] == "call_size", [f.summary for f in fs]
     assert fs[0].detected_at.timestamp() - t0 <= 300
+
+
+def test_bigger_prompts_in_an_agent_consumers_runs_are_a_token_spike():
+    """An agent consumer: runs of 10 steps, one every ~40 s.  Only a run's
+    first call is sized (later steps grow by design), but when every step's
+    prompt grows 10x, that is the rise: the sized calls stand for the steps."""
+    import random
+    rng = random.Random(9)
+    evs = []
+    t = T0
+    for r in range(700):
+        t += rng.expovariate(1 / 40.0)
+        if r == 600:
+            t0 = t
+        grow = 10 if r >= 600 else 1
+        base = rng.lognormvariate(7.9, 0.4)
+        for k in range(10):
+            evs.append(event(len(evs), t + 3 * k, "ag", trace_id=f"run{r}",
+                             input_tokens=int(grow * (base + 300 * k))))
+    assert "token_spike" not in kinds(run([e for e in evs if e["ts"] < iso(t0)]))
+    assert "token_spike" in kinds(run(evs))
+    # the call-size rule alone (rate windows switched off) sees it
+    size_only = Engine(DetectorConfig.from_dict({"token_spike": {
+        "ratio": 1e6, "sustained_ratio": 1e6}}))
+    fs = [f for f in run(evs, size_only) if f.kind == "token_spike" and f.revision == 0]
+    assert fs and fs[0].evidence["rule"] == "call_size", [f.summary for f in fs]
+    assert fs[0].detected_at.timestamp() - t0 <= 600
 
 
 def normal_runs(consumer: str) -> list[dict]:
