@@ -890,7 +890,21 @@ class Engine:
             if cls == CLIENT or not (
                     self._is_open("failure_spike", "model", event.model, "*", ts)
                     or self._model_failing_elsewhere(ms, cs.key)):
-                w.add(ts, cs.calls, cls)
+                # a failure is stamped when it ends: a timeout that ran 70 s
+                # is judged against the calls that ran beside it, not only
+                # those that ended after it (else the timeouts of a burst's
+                # calls, arriving together once the burst is over, look
+                # like most calls failing).  Its window starts back by the
+                # calls its run spanned, at the consumer's recent call rate
+                idx = cs.calls
+                lat = event.latency_ms
+                if lat is not None and lat > 5000.0:
+                    idx -= int(cs.nl * min(lat / 1000.0, fc.max_window_s) / fc.long_tau_s)
+                    if w.size:
+                        prev = w.get(0)[1]
+                        if idx < prev:
+                            idx = prev
+                w.add(ts, idx, cls)
             else:
                 cls = 0  # not counted
         model = event.model

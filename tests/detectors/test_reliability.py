@@ -242,6 +242,34 @@ def test_usual_calls_failing_are_a_failure_spike_not_a_storm():
 
 
 # --------------------------------------------------------------- failure_spike
+def test_timeouts_of_a_burst_arriving_after_it_are_no_failure_spike():
+    # a burst of 80 calls in a minute every five minutes; 6 % of calls time
+    # out after 60-110 s, so they arrive together once the burst is over,
+    # where they are most of the calls that end: judged against the calls
+    # that ran beside them, they are the consumer's usual 6 %
+    rng = random.Random(4)
+
+    def bursts(t_start: float, t_end: float, fail: float) -> list:
+        evs = []
+        for t0 in range(int(t_start), int(t_end), 300):
+            for k in range(80):
+                start = t0 + rng.uniform(0, 60)
+                d = event(0, start + 1.5, "bu", request_hash=f"bu{t0}-{k}")
+                d["event_id"] = f"bu{t0}-{k}"
+                if rng.random() < fail:
+                    lat = rng.uniform(60, 110)
+                    d.update(status=0, error="timeout", output_tokens=0, latency_ms=lat * 1000,
+                             ts=event(0, start + lat, "bu")["ts"])
+                evs.append(d)
+        return evs
+
+    normal = bursts(T0, T0 + 4 * 3600, 0.06)
+    assert not first(run(normal), "failure_spike")
+    # half the calls timing out for 20 minutes is still a failure spike
+    spike = normal + bursts(T0 + 4 * 3600, T0 + 4 * 3600 + 1200, 0.5)
+    assert first(run(spike), "failure_spike")
+
+
 def test_baseline_failures_do_not_fire_across_many_consumers():
     rng = random.Random(4)
     evs: list[dict] = []
