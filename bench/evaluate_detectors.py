@@ -121,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
                          "with sqrt(hours))")
     ap.add_argument("--cache", action="store_true", help="cache generated events in /tmp")
     ap.add_argument("--details", action="store_true", help="list misses and false findings")
+    ap.add_argument("--natural", action="store_true",
+                    help="also mark the normal traffic's own runaway calls and token surges "
+                         "(the issue's definitions, see bench/natural.py) as weak labels: "
+                         "findings on them are explained, not false")
     ap.add_argument("--json", help="write the report as JSON to this file")
     ap.add_argument("--set", action="append", default=[], metavar="KIND.KEY=VALUE",
                     help="override a detector setting (repeatable)")
@@ -131,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         k, v = kv.split("=", 1)
         kind, key = k.split(".", 1)
         over.setdefault(kind, {})[key] = json.loads(v)
+    if a.natural:
+        from natural import natural_labels
+        labels = labels + natural_labels(evs)
     findings, dt = run(evs, config=DetectorConfig.from_dict(over))
     report = score(labels, findings, consumer_hours=a.consumers * a.hours)
     print(f"traffic={a.traffic} seed={a.seed} hours={a.hours} consumers={a.consumers} "
