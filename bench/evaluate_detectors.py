@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detectors import DetectorConfig, Engine
-from detectors.scoring import format_report, score
+from detectors.scoring import combine, format_report, score
 from ingest.event import Accepted, UsageEvent, validate_event
 
 
@@ -113,6 +113,9 @@ def run(evs: list[UsageEvent], batch: int = 500, config: DetectorConfig | None =
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seeds", help="several seeds, comma separated (e.g. 11,12,13,14,15): "
+                                    "one line per seed, then the table of all their labels "
+                                    "together (a single run has too few labels per kind)")
     ap.add_argument("--hours", type=float, default=6.0)
     ap.add_argument("--consumers", type=int, default=500)
     ap.add_argument("--traffic", choices=("sim", "adversarial", "holdout"), default="sim")
@@ -129,21 +132,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KIND.KEY=VALUE",
                     help="override a detector setting (repeatable)")
     a = ap.parse_args(argv)
-    evs, labels, _ = load(a.traffic, a.seed, a.hours, a.consumers, a.cache, a.episodes)
     over: dict[str, dict[str, Any]] = {}
     for kv in a.set:
         k, v = kv.split("=", 1)
         kind, key = k.split(".", 1)
         over.setdefault(kind, {})[key] = json.loads(v)
-    if a.natural:
-        from natural import natural_labels
-        labels = labels + natural_labels(evs)
-    findings, dt = run(evs, config=DetectorConfig.from_dict(over))
-    report = score(labels, findings, consumer_hours=a.consumers * a.hours)
-    print(f"traffic={a.traffic} seed={a.seed} hours={a.hours} consumers={a.consumers} "
-          f"events={len(evs)} detectors {1e6 * dt / max(len(evs), 1):.2f} us/event "
-          f"(incl. finding creation)")
+    seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else [a.seed]
+    reports, all_findings = [], []
+    for seed in seeds:
+        evs, labels, _ = load(a.traffic, seed, a.hours, a.consumers, a.cache, a.episodes)
+        if a.natural:
+            from natural import natural_labels
+            labels = labels + natural_labels(evs)
+        findings, dt = run(evs, config=DetectorConfig.from_dict(over))
+        reports.append(score(labels, findings, consumer_hours=a.consumers * a.hours))
+        all_findings.extend(findings)
+        print(f"traffic={a.traffic} seed={seed} hours={a.hours} consumers={a.consumers} "
+              f"events={len(evs)} detectors {1e6 * dt / max(len(evs), 1):.2f} us/event "
+              f"(incl. finding creation)")
+        del evs
+    report = combine(reports) if len(reports) > 1 else reports[0]
+    if len(reports) > 1:
+        print(f"seeds {','.join(map(str, seeds))} together:")
     print(format_report(report))
+    findings = all_findings
     if a.details:
         for d in report["detected"]:
             print("FOUND ", json.dumps(d))
