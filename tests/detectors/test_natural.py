@@ -42,13 +42,16 @@ def test_surge_of_a_consumer_is_a_weak_token_spike_label_of_its_own():
     assert lab["start"] <= "2026-01-01T01:06:40Z" <= lab["end"]
 
 
-def test_runaway_by_the_issues_guardrails_and_relative_size():
+def test_runaway_is_extreme_for_the_consumer_and_past_a_guardrail():
     evs = steady("a", reasoning_tokens=300)
-    evs.append(ev(900, 6001.0, "a", latency_ms=650_000, reasoning_tokens=800))  # > 600 s
-    evs.append(ev(901, 6002.0, "a", finish_reason="length", reasoning_tokens=4000,
-                  output_tokens=4096))  # the reasoning budget hit
+    evs.append(ev(900, 6001.0, "a", latency_ms=650_000, reasoning_tokens=8000,
+                  output_tokens=8200))  # 27x, > 600 s
+    evs.append(ev(901, 6002.0, "a", finish_reason="length", reasoning_tokens=7000,
+                  output_tokens=7100))  # 23x, the reasoning budget hit
     evs.append(ev(902, 6003.0, "a", reasoning_tokens=12_000, output_tokens=12_500))  # 40x
     evs.append(ev(903, 6004.0, "a", reasoning_tokens=3_000, output_tokens=3_500))  # 10x: no
+    # 700 s but ordinary thinking for this consumer: slow, not runaway
+    evs.append(ev(904, 6005.0, "a", latency_ms=700_000, reasoning_tokens=800))
     labs = natural_labels(evs)
     assert sorted(lab["variant"] for lab in labs) == ["budget", "duration", "tokens"]
     assert all(lab["kind"] == "runaway_reasoning" and lab["weak"] for lab in labs)
