@@ -80,13 +80,15 @@ def natural_labels(events: Iterable[UsageEvent]) -> list[dict[str, Any]]:
         think = float(e.reasoning_tokens or e.output_tokens)
         hist = seen[(e.consumer, e.model)]
         why = None
-        if len(hist) >= RUNAWAY_HISTORY and think >= RUNAWAY_X * statistics.median(hist[-500:]):
-            if (e.latency_ms or 0.0) >= RUNAWAY_S * 1000.0:
-                why = "duration"
-            elif e.finish_reason == "length" and e.reasoning_tokens > 0:
-                why = "budget"
-            elif think >= RUNAWAY_MIN:
-                why = "tokens"
+        if (e.latency_ms or 0.0) >= RUNAWAY_S * 1000.0:
+            why = "duration"
+        elif e.finish_reason == "length" and e.reasoning_tokens > 0:
+            why = "budget"
+        elif think >= RUNAWAY_MIN:
+            why = "tokens"
+        if why is not None and (len(hist) < RUNAWAY_HISTORY or
+                                think < RUNAWAY_X * statistics.median(hist[-500:])):
+            why = None
         if why is not None:
             labels.append(_label("runaway_reasoning", e.consumer, e.model, t, t, why))
         hist.append(think)
