@@ -163,6 +163,16 @@ def test_token_spike_and_not_on_bursts():
     assert fs and fs[0].detected_at.timestamp() - (T0 + 10800) <= 60
 
 
+def call_size_only(evs: list[dict]) -> list[Finding]:
+    """The token_spike findings of the call-size rule alone (the rate windows
+    switched off); asserts there is one."""
+    size_only = Engine(DetectorConfig.from_dict({"token_spike": {
+        "ratio": 1e6, "sustained_ratio": 1e6}}))
+    fs = [f for f in run(evs, size_only) if f.kind == "token_spike" and f.revision == 0]
+    assert fs and fs[0].evidence["rule"] == "call_size", [f.summary for f in fs]
+    return fs
+
+
 def test_prompts_suddenly_bigger_at_the_usual_rate_is_a_token_spike():
     import random
     rng = random.Random(5)
@@ -184,10 +194,7 @@ def test_prompts_suddenly_bigger_at_the_usual_rate_is_a_token_spike():
     fs = [f for f in run(evs) if f.kind == "token_spike" and f.revision == 0]
     assert fs and fs[0].detected_at.timestamp() - t0 <= 180
     # the call-size rule alone (rate windows switched off) sees it too
-    size_only = Engine(DetectorConfig.from_dict({"token_spike": {
-        "ratio": 1e6, "sustained_ratio": 1e6}}))
-    fs = [f for f in run(evs, size_only) if f.kind == "token_spike" and f.revision == 0]
-    assert fs and fs[0].evidence["rule"] == "call_size", [f.summary for f in fs]
+    fs = call_size_only(evs)
     assert fs[0].detected_at.timestamp() - t0 <= 180
     assert fs[0].evidence["input_tokens_per_call"] > 5 * fs[0].evidence[
         "baseline_input_tokens_per_call"]
@@ -233,11 +240,7 @@ def test_bigger_prompts_in_an_agent_consumers_runs_are_a_token_spike():
     assert "token_spike" not in kinds(run([e for e in evs if e["ts"] < iso(t0)]))
     assert "token_spike" in kinds(run(evs))
     # the call-size rule alone (rate windows switched off) sees it
-    size_only = Engine(DetectorConfig.from_dict({"token_spike": {
-        "ratio": 1e6, "sustained_ratio": 1e6}}))
-    fs = [f for f in run(evs, size_only) if f.kind == "token_spike" and f.revision == 0]
-    assert fs and fs[0].evidence["rule"] == "call_size", [f.summary for f in fs]
-    assert fs[0].detected_at.timestamp() - t0 <= 600
+    assert call_size_only(evs)[0].detected_at.timestamp() - t0 <= 600
 
 
 def normal_runs(consumer: str) -> list[dict]:

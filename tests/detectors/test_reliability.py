@@ -32,6 +32,20 @@ def traffic(consumer: str, start: float, end: float, gap: float, rng: random.Ran
         i += 1
 
 
+def retried(i: int, t0: float, consumer: str, key: str, rng: random.Random,
+            p_fail: float) -> list[dict]:
+    """One request's attempts from ``t0`` (ids from ``i``): each fails (503)
+    with ``p_fail`` and a failed one is retried, at most twice, after 1 and 3 s."""
+    out: list[dict] = []
+    for j in range(3):
+        d = event(i + j, t0 + j * (1 + 2 * j) + rng.random(), consumer, request_hash=key)
+        out.append(d)
+        if rng.random() >= p_fail:
+            break
+        d.update(status=503, error="upstream_5xx", output_tokens=0, finish_reason="error")
+    return out
+
+
 # ------------------------------------------------------------------ statistics
 @pytest.mark.parametrize("f, n, p", [(7, 7, 0.01), (5, 10, 0.02), (20, 100, 0.02),
                                      (30, 1000, 0.01), (16, 200, 0.03), (3, 400, 0.001)])
@@ -109,15 +123,9 @@ def test_rate_jump_of_many_requests_each_retried_normally_is_a_retry_storm():
         t = T0 + 4200
         i = 50_000
         for k in range(int(300 * new_per_s)):  # new requests for 5 minutes, each
-            t0 = t + k / new_per_s  # attempt failing at 70 %, retried at most twice
-            for j in range(3):
-                d = event(i, t0 + j * (1 + 2 * j) + rng.random(), "j", request_hash=f"new{k}")
-                evs.append(d)
-                i += 1
-                if rng.random() >= 0.7:
-                    break
-                d.update(status=503, error="upstream_5xx", output_tokens=0,
-                         finish_reason="error")
+            # attempt failing at 70 %, retried at most twice
+            evs += retried(i, t + k / new_per_s, "j", f"new{k}", rng, 0.7)
+            i += 3
         return run(evs)
 
     # 3 new requests a second (6x its usual calls), most calls failing, but
@@ -144,14 +152,8 @@ def test_failure_spike_ramping_into_a_storm_is_a_retry_storm():
     t, i, k = T0 + 4200.0, 50_000, 0
     while t < T0 + 5400:
         t += rng.expovariate(6.0 * (t - T0 - 4200) / 1200 + 0.01)
-        for j in range(3):
-            d = event(i, t + j * (1 + 2 * j) + rng.random(), "ramp", request_hash=f"new{k}")
-            evs.append(d)
-            i += 1
-            if rng.random() >= 0.8:
-                break
-            d.update(status=503, error="upstream_5xx", output_tokens=0, finish_reason="error")
-        k += 1
+        evs += retried(i, t, "ramp", f"new{k}", rng, 0.8)
+        i, k = i + 3, k + 1
     fs = run(evs)
     storms = first(fs, "retry_storm")
     assert storms and storms[0].evidence["rule"] == "rate_jump", [
