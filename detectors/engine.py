@@ -874,8 +874,9 @@ class Engine:
         retryable errors (429, 5xx, timeouts), and the failing *distinct*
         requests alone at ``rate_ratio`` x the usual calls per minute: the
         failures are extra calls (a storm), not the usual calls failing (a
-        failure spike).  Minutes where most requests failed
-        do not teach the calls-per-minute baseline.
+        failure spike).  Minutes where most calls failed (retries included),
+        and minutes while the consumer's failure spike or retry storm is
+        open, do not teach the calls-per-minute baseline.
         """
         cfg = cs.cfg
         fc = cfg.failure_spike
@@ -1404,8 +1405,9 @@ class Engine:
 
         agent_loop: a run (trace_id, else session_id) with more answered calls
         than max(min_calls, ratio x the consumer's long run), the long run being
-        exp(mean + 2.33 sd) of log(calls) over the consumer's completed runs
-        (before ``warmup_runs`` runs: ``guard_calls``), or more tokens than
+        exp(mean + 2.33 sd) of log(calls) over the consumer's completed runs,
+        capped by the longest recent one (``LogBaseline.high``; before
+        ``warmup_runs`` runs: ``guard_calls``), or more tokens than
         max(min_tokens, token_ratio x the same for tokens).  Critical (block)
         at ``critical_ratio`` x the threshold.  Failed calls do not count: an
         agent whose calls time out and are retried makes more calls, but that
