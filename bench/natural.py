@@ -50,6 +50,7 @@ import bisect
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 from ingest.event import UsageEvent
@@ -63,7 +64,6 @@ SURGE_MIN_PER_MIN = 40_000.0
 
 
 def _iso(t: float) -> str:
-    from datetime import UTC, datetime
     return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
 
 
