@@ -32,6 +32,9 @@ from detectors import DetectorConfig, Engine
 from detectors.scoring import combine, format_report, score
 from ingest.event import Accepted, UsageEvent, validate_event
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from natural import natural_labels  # bench/natural.py
+
 
 def _price_fn() -> Any:
     try:
@@ -142,7 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         evs, labels, _ = load(a.traffic, seed, a.hours, a.consumers, a.cache, a.episodes)
         if a.natural:
-            from natural import natural_labels
             labels = labels + natural_labels(evs)
         findings, dt = run(evs, config=DetectorConfig.from_dict(over))
         reports.append(score(labels, findings, consumer_hours=a.consumers * a.hours))
@@ -155,7 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     if len(reports) > 1:
         print(f"seeds {','.join(map(str, seeds))} together:")
     print(format_report(report))
-    findings = all_findings
     if a.details:
         for d in report["detected"]:
             print("FOUND ", json.dumps(d))
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             print("FALSE ", json.dumps(f))
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=1, default=str))
-        Path(a.json + ".findings").write_text(json.dumps(findings, default=str))
+        Path(a.json + ".findings").write_text(json.dumps(all_findings, default=str))
     return 0
 
 
