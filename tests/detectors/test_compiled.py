@@ -178,6 +178,42 @@ def test_an_installed_copy_uses_the_build(build: Path, tmp_path: Path) -> None:
     assert Path(where).is_relative_to(site) and impl == "compiled", r.stderr
 
 
+def test_pip_install_compiles_the_detectors(tmp_path: Path) -> None:
+    """The quick start's ``pip install .`` of a tree without a build
+    compiles the detectors while it builds the wheel (setup.py runs
+    tools/build_compiled.py), and the installed package uses them; a tree
+    whose compile fails (no C compiler) still installs, as pure Python."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in ("pyproject.toml", "README.md", "setup.py"):
+        shutil.copy(ROOT / f, src / f)
+    (src / "tools").mkdir()
+    shutil.copy(ROOT / "tools" / "build_compiled.py", src / "tools" / "build_compiled.py")
+    for d in ("ingest", "detectors", "alerting", "api"):
+        shutil.copytree(ROOT / d, src / d, ignore=shutil.ignore_patterns(
+            "__pycache__", "_compiled", "*.new", "*.old"))
+    env = _env(False)
+    if shutil.which(env.get("CC") or "cc") is None and shutil.which("gcc") is None:
+        if REQUIRED:
+            pytest.fail("no C compiler: scripts/test.sh installs gcc")
+        pytest.skip("no C compiler")
+    for name, cc, want in (("site", None, "compiled"), ("pure", "/nonexistent/cc", "interpreted")):
+        site = tmp_path / name
+        shutil.rmtree(src / "detectors" / "_compiled", ignore_errors=True)
+        shutil.rmtree(src / "build", ignore_errors=True)
+        e = {**env, "CC": cc} if cc else env
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                            "--target", str(site), str(src)],
+                           env=e, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr
+        code = "import detectors; print(detectors.__file__, detectors.IMPLEMENTATION)"
+        r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path,
+                           env={**env, "PYTHONPATH": str(site)},
+                           capture_output=True, text=True, timeout=120)
+        where, impl = r.stdout.split()
+        assert Path(where).is_relative_to(site) and impl == want, r.stderr
+
+
 def test_doctests_of_the_sources(build: Path) -> None:
     """With the build loaded, pytest sees the compiled modules, whose
     functions and classes carry no collectable doctests: run them on the
