@@ -122,8 +122,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     start_kafka(svc)
     app = create_app(svc)
     where = settings.clickhouse_url or os.path.abspath(settings.data_dir)
-    log.info("tokenward listening on http://%s:%s (store: %s, kafka: %s)", settings.host,
-             settings.port, where, settings.kafka_bootstrap or "off")
+    import detectors
+
+    # which build of the detectors runs (compiled costs about half per event)
+    log.info("tokenward listening on http://%s:%s (store: %s, kafka: %s, detectors: %s)",
+             settings.host, settings.port, where, settings.kafka_bootstrap or "off",
+             detectors.IMPLEMENTATION)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal with
     # the handler it found installed.  With the default handler that would kill
     # the process before svc.close() saves the detector state and stops the
