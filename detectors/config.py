@@ -132,6 +132,15 @@ class FailureSpikeConfig:
     baseline_halflife_calls: float = 2000.0
     warmup_calls: int = 30
     quiet_s: float = 300.0
+    # a consumer's failure spike that comes back within reopen_s of its
+    # episode's end at no more than reopen_ratio x that episode's peak
+    # failure rate reopens it (a new revision, alerting again) instead of
+    # opening a new finding: an error source that flaps, or the last
+    # failures of a spike arriving minutes later (timeouts, a retry), is one
+    # incident (30 minutes: an hour merged a new failure spike into one of
+    # the hour before on the held-out traffic); 0 disables
+    reopen_s: float = 1800.0
+    reopen_ratio: float = 2.0
     # model scope (upstream outage)
     model_enabled: bool = True
     model_min_consumers: int = 3  # distinct consumers failing on the model

@@ -1012,7 +1012,7 @@ class Engine:
                              "error": event.error, "failures": f, "calls": n,
                              "window_s": round(ts - t_start, 1), "log10_p": round(lp, 1),
                              "error_class": "upstream" if upstream else "client"},
-                   quiet_s=fc.quiet_s)
+                   quiet_s=fc.quiet_s, reopen_s=fc.reopen_s, reopen_ratio=fc.reopen_ratio)
 
     def _model_failing_elsewhere(self, ms: ModelState, consumer: str) -> bool:
         """Do other consumers of this model fail too (an upstream problem)?"""

@@ -272,6 +272,33 @@ def test_timeouts_of_a_burst_arriving_after_it_are_no_failure_spike():
     assert first(run(spike), "failure_spike")
 
 
+def test_a_failure_spike_that_comes_back_reopens_its_finding():
+    # 10 calls a minute, 1 % failing; 403s on 60 % of calls for 10 minutes,
+    # 15 quiet minutes (the episode resolves), then 10 minutes more of them:
+    # one incident, one finding, alerting again with evidence.recurrences
+    rng = random.Random(21)
+    evs = traffic("flap", T0, T0 + 4 * 3600, 6.0, rng, err=0.01)
+    t1 = T0 + 2 * 3600
+    spells = [(t1, t1 + 600), (t1 + 1500, t1 + 2100)]
+    for d in evs:
+        ts = UsageEvent.model_validate(d).ts.timestamp()
+        if any(a <= ts < b for a, b in spells) and rng.random() < 0.6:
+            d.update(status=403, error="permission_denied", output_tokens=0,
+                     finish_reason="error")
+    fs = [f for f in run(evs) if f.kind == "failure_spike"]
+    opened = first(fs, "failure_spike")
+    assert len(opened) == 1 and opened[0].detected_at.timestamp() < t1 + 120
+    assert any(f.status == "resolved" for f in fs)
+    again = [f for f in fs if f.status == "firing" and f.evidence.get("recurrences") == 1]
+    assert again and again[0].updated_at is not None
+    assert t1 + 1500 <= again[0].updated_at.timestamp() < t1 + 1700
+    assert {f.finding_id for f in fs} == {opened[0].finding_id}
+    # with reopening off, the second spell is a finding of its own
+    from detectors import DetectorConfig, Engine
+    off = Engine(DetectorConfig.from_dict({"failure_spike": {"reopen_s": 0}}))
+    assert len(first(run(evs, off), "failure_spike")) == 2
+
+
 def test_baseline_failures_do_not_fire_across_many_consumers():
     rng = random.Random(4)
     evs: list[dict] = []
