@@ -104,6 +104,12 @@ class RetryStormConfig:
     rate_min_fail_share: float = 0.6
     warmup_min: int = 30  # minutes of history before the rate-jump rule
     quiet_s: float = 180.0
+    # a storm of the consumer that comes back within reopen_s of its
+    # episode's end at no more than reopen_ratio x that episode's peak
+    # reopens it (a new revision, alerting and blocking again) instead of
+    # opening a new finding, as failure_spike's; 0 disables
+    reopen_s: float = 1800.0
+    reopen_ratio: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -961,7 +961,8 @@ class Engine:
                        evidence={"rule": "rate_jump", "event_id": event.event_id,
                                  "error": event.error, "status": event.status,
                                  "fail_share": round(fail_share, 3)},
-                       quiet_s=rc.quiet_s)
+                       quiet_s=rc.quiet_s, reopen_s=rc.reopen_s,
+                       reopen_ratio=rc.reopen_ratio)
             return
         if w is None or not fc.enabled or cs.calls < fc.warmup_calls:
             return
@@ -1246,7 +1247,7 @@ class Engine:
                              "event_ids": list(rs.ids), "attempts": rs.total,
                              "failed": rs.total_fail, "attempts_in_window": n_w,
                              "failed_in_window": f_w, "error": event.error},
-                   quiet_s=rc.quiet_s)
+                   quiet_s=rc.quiet_s, reopen_s=rc.reopen_s, reopen_ratio=rc.reopen_ratio)
 
     def _sweep_repeats(self, now: float) -> None:
         lim = now - self.config.engine.repeat_horizon_s

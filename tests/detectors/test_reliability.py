@@ -83,6 +83,28 @@ def test_retry_storm_fires_within_seconds_and_blocks():
     assert not first(run(evs), "failure_spike")
 
 
+def test_a_storm_that_comes_back_reopens_its_finding():
+    # a request hammered for a minute, another 10 minutes later (the same
+    # client loop, a new prompt): one incident, blocked again; an hour
+    # later it is a new finding
+    rng = random.Random(8)
+    evs = traffic("loop", T0, T0 + 4 * 3600, 10.0, rng, err=0.01)
+    t = T0 + 2 * 3600
+    for n, start in enumerate((t, t + 600, t + 4200)):
+        evs += [event(90_000 + 100 * n + k, start + 1.5 * k, "loop", request_hash=f"h{n}",
+                      status=503, error="upstream_5xx", output_tokens=0) for k in range(40)]
+    fs = [f for f in run(evs) if f.kind == "retry_storm"]
+    opened = first(fs, "retry_storm")
+    assert len(opened) == 2 and opened[1].detected_at.timestamp() > t + 4200
+    again = [f for f in fs if f.status == "firing" and f.evidence.get("recurrences") == 1]
+    assert again and again[0].finding_id == opened[0].finding_id and again[0].action == "block"
+    assert again[0].updated_at is not None
+    assert t + 600 <= again[0].updated_at.timestamp() < t + 660
+    from detectors import DetectorConfig, Engine
+    off = Engine(DetectorConfig.from_dict({"retry_storm": {"reopen_s": 0}}))
+    assert len(first(run(evs, off), "retry_storm")) == 3
+
+
 def test_client_retries_cron_and_popular_prompts_do_not_fire():
     rng = random.Random(2)
     evs = traffic("n", T0, T0 + 7200, 5.0, rng, err=0.02)
