@@ -130,6 +130,13 @@ class FailureSpikeConfig:
     baseline_z: float = 1.5  # test against the baseline's upper bound (mean + z sd)
     window_failures: int = 16  # failures kept per consumer (windows scanned)
     max_window_s: float = 3600.0  # oldest failure a window may start at
+    # a window shorter than this needs twice min_failures: a busy consumer's
+    # few seconds of clustered errors (a rate limit hit during a burst: 5 of
+    # 11 calls in 3 s at ten calls a second) pass the test, whose calls are
+    # assumed independent, but are no spike; a lasting one spans this within
+    # seconds, a dense one has the failures at once (only window_failures
+    # are kept: at five failures a second they span 3 s)
+    min_window_s: float = 10.0
     min_failures: float = 5.0
     min_rate: float = 0.2  # observed failure rate must reach this
     min_ratio: float = 3.0  # and this many times the baseline

@@ -971,7 +971,8 @@ class Engine:
             cs.n_base + fc.prior_calls)))
         floor = max(fc.min_rate, fc.min_ratio * p0)
         k = math.ceil(fc.min_failures)
-        hit = w.scan(cs.calls, ts, p_hi, k, floor, fc.max_window_s, fc.log10_alpha)
+        hit = w.scan(cs.calls, ts, p_hi, k, floor, fc.max_window_s, fc.log10_alpha,
+                     min_window_s=fc.min_window_s)
         if cls == CLIENT and not repeat_fail:
             # client errors (auth, bad requests) against their own, much lower,
             # baseline: a few 401s stand out even when 5xx/429 are common.  A
@@ -985,7 +986,7 @@ class Engine:
             fl_c = max(fc.min_rate, fc.min_ratio * pc)
             if hit is None:
                 hit = w.scan(cs.calls, ts, pc_hi, k, fl_c, fc.max_window_s, fc.log10_alpha,
-                             only=CLIENT)
+                             only=CLIENT, min_window_s=fc.min_window_s)
                 if hit is not None:
                     p0, floor = pc, fl_c
             if hit is None and not self._failure_open(cs) and w.scan(

@@ -122,7 +122,7 @@ class FailWindow(Record):
 
     def scan(self, calls: int, now: float, p: float, min_failures: int, min_rate: float,
              max_window_s: float, log10_alpha: float, only: int = 0,
-             ) -> tuple[int, int, float, float] | None:
+             min_window_s: float = 0.0) -> tuple[int, int, float, float] | None:
         """The first window, newest anchor first, whose failures are
         significant: ``(failures, calls, log10 p, start time)`` or None.
 
@@ -131,8 +131,13 @@ class FailWindow(Record):
         now; it holds j failures out of ``calls - idx[anchor]`` calls.  At most
         ``k - 1`` windows are tested per failure (a Bonferroni factor that
         ``log10_alpha`` must cover).  ``only``: count and anchor on failures
-        of that class only (tested against that class's own baseline)."""
+        of that class only (tested against that class's own baseline);
+        ``min_window_s``: a window shorter than this is tested only with
+        twice ``min_failures`` failures (a few clustered errors are no spike;
+        many are sure at once; either way its failures count in the longer
+        windows)."""
         lim = int((now - max_window_s) * 1000.0)
+        short = int((now - min_window_s) * 1000.0)
         ts, idx, cl = self.ts, self.idx, self.cls
         f = 0  # failures newer than the anchor
         for j in range(self.size):
@@ -141,7 +146,7 @@ class FailWindow(Record):
                 break
             if only and cl[s] != only:
                 continue
-            if f >= min_failures:
+            if f >= min_failures and (ts[s] <= short or f >= 2 * min_failures):
                 n = calls - idx[s]
                 if f >= min_rate * n:
                     lp = log10_binom_tail(f, n, p)

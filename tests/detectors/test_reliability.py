@@ -294,6 +294,34 @@ def test_timeouts_of_a_burst_arriving_after_it_are_no_failure_spike():
     assert first(run(spike), "failure_spike")
 
 
+def test_a_few_seconds_of_clustered_errors_of_a_busy_consumer_are_no_spike():
+    # ten calls a second, 1 % failing; a rate limit hit during a burst fails
+    # 6 of 30 calls within 3 s: significant for a test of independent calls,
+    # but over before anyone could act; the same rate for 20 s is a spike,
+    # and half the calls failing is one at once
+    rng = random.Random(31)
+    evs = traffic("busy", T0, T0 + 3600, 0.1, rng, err=0.01)
+    t = T0 + 2400
+
+    def blip(length: float, share: float) -> list[dict]:
+        out = [dict(d) for d in evs]
+        n = 0
+        for d in out:
+            ts = UsageEvent.model_validate(d).ts.timestamp()
+            if not (t <= ts < t + length and d["status"] == 200):
+                continue
+            n += 1
+            if (n % 5 == 0) if share == 0.2 else rng.random() < share:
+                d.update(status=429, error="rate_limited", output_tokens=0,
+                         finish_reason="error")
+        return out
+
+    assert not first(run(blip(3.0, 0.2)), "failure_spike")
+    for length, share, within in ((20.0, 0.2, 20), (20.0, 0.5, 5)):
+        fs = first(run(blip(length, share)), "failure_spike")
+        assert fs and fs[0].detected_at.timestamp() - t <= within, (length, share)
+
+
 def test_a_failure_spike_that_comes_back_reopens_its_finding():
     # 10 calls a minute, 1 % failing; 403s on 60 % of calls for 10 minutes,
     # 15 quiet minutes (the episode resolves), then 10 minutes more of them:
