@@ -19,8 +19,11 @@ True
 >>> r = HashWindow(4)
 >>> for t, bad in ((0.0, True), (1.0, True), (2.0, False), (3.0, True), (4.0, True)):
 ...     r.add(t, bad)
->>> r.count(60.0, 4.0), r.count(2.5, 4.0)   # (attempts, failures) within the last W s
-((4, 3), (3, 2))
+>>> r.count(60.0, 4.0), r.count(1.5, 4.0)   # (attempts, failures) within the last W s
+((2, 2), (2, 2))
+
+(after the latest answer: the attempt at 2.0 was answered, so those at 0.0
+and 1.0 were another request's retries)
 """
 
 from __future__ import annotations
@@ -199,8 +202,13 @@ class HashWindow(Record):
             self.size += 1
 
     def count(self, window_s: float, now: float) -> tuple[int, int]:
-        """(attempts, failed attempts) of the ring within ``window_s`` of ``now``."""
+        """(attempts, failed attempts) of the ring within ``window_s`` of
+        ``now`` and after its latest answered attempt (an answer ends a
+        request's retries: what follows is asking again)."""
         lim = int((now - window_s) * 1000.0) + 1
+        for v in self.t[:self.size] if self.size < len(self.t) else self.t:
+            if v > 0 and v + 1 > lim:
+                lim = v + 1
         n = f = 0
         for v in self.t[:self.size] if self.size < len(self.t) else self.t:
             if v < 0:

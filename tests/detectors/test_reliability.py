@@ -65,9 +65,13 @@ def test_windows_are_exact_rings():
     hit = w.scan(60, 106.0, 0.01, 2, 0.0, 3600, -1.0)
     assert hit is not None and hit[:2] == (2, 30)
     h = HashWindow(3)
-    for t, bad in ((0.0, False), (50.0, True), (70.0, True), (80.0, False)):
+    for t, bad in ((0.0, False), (50.0, True), (70.0, True), (75.0, True)):
         h.add(t, bad)
-    assert h.count(60.0, 80.0) == (3, 2) and h.count(15.0, 80.0) == (2, 1)
+    assert h.count(60.0, 80.0) == (3, 3) and h.count(15.0, 80.0) == (2, 2)
+    # an answer ends a request's retries: only the attempts after it count
+    h.add(78.0, False)
+    h.add(79.0, True)
+    assert h.count(60.0, 80.0) == (1, 1)
 
 
 # ----------------------------------------------------------------- retry_storm
@@ -81,6 +85,30 @@ def test_retry_storm_fires_within_seconds_and_blocks():
     assert fs and fs[0].action == "block" and fs[0].severity == "critical"
     assert fs[0].detected_at.timestamp() - t <= 10
     assert not first(run(evs), "failure_spike")
+
+
+def test_an_answer_ends_a_requests_retries():
+    # a prompt many users ask, answered every few minutes; during an error
+    # spell one user's call fails and is retried, another user is answered,
+    # a third user's call fails and is retried: 5 attempts in 45 s, 4 of
+    # them failed, the last one too, but two requests each retried once.
+    # The same 5 attempts with no answer between them are one request
+    # failing 5 times: a storm
+    def faq(between: bool) -> list[dict]:
+        rng = random.Random(9)
+        evs = traffic("faq", T0, T0 + 3 * 3600, 30.0, rng, err=0.01)
+        evs += [event(60_000 + k, T0 + 180 * k + 60 * rng.random(), "faq", request_hash="q",
+                      user=f"u{k}") for k in range(60)]
+        t = T0 + 2 * 3600 + 100
+        for k, dt in enumerate((0, 2, 38, 40, 43)):
+            ok = k == 2 and between
+            evs.append(event(70_000 + k, t + dt, "faq", request_hash="q", user=f"v{k // 2}",
+                             **({} if ok else {"status": 503, "error": "upstream_5xx",
+                                               "output_tokens": 0})))
+        return evs
+
+    assert not first(run(faq(True)), "retry_storm")
+    assert first(run(faq(False)), "retry_storm")
 
 
 def test_a_storm_that_comes_back_reopens_its_finding():
