@@ -652,7 +652,9 @@ class Engine:
             tot_t = st + 1.0
             pricey = bp > 0 and sc >= cc.price_ratio * bp * tot_t
             hit_c = pricey and sc >= thr_c and n >= cc.min_calls and cc.enabled
-            hit_p = (n >= tc.min_calls and tc.enabled
+            # (a window may get here on its cost alone: the token paths
+            # need their own bar)
+            hit_p = (st >= thr_p and n >= tc.min_calls and tc.enabled
                      and _spread(st, vol.second5(), 5.0 * per_min * vol.mean_t,
                                  tc.spread_share))
             hit_t = hit_p and st >= thr_t

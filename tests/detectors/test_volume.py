@@ -88,6 +88,23 @@ def test_model_switch_is_a_cost_spike_not_a_token_spike():
     assert cost and cost[0].detected_at.timestamp() - t <= 120
 
 
+def test_a_dearer_model_at_a_little_more_volume_is_no_token_spike():
+    # steady calls, then half as many again on a model 20x the price: the
+    # cost windows pass their bars, the tokens (1.5x) pass none of theirs and
+    # must not be reported as a lasting token spike (the 5 min window reaches
+    # its token tests on its cost alone)
+    rng = random.Random(7)
+    evs = [event(k, T0 + 6.0 * k + rng.random(), "p", input_tokens=900, output_tokens=100,
+                 cost=0.001, request_hash=f"c{k}") for k in range(1800)]
+    t = T0 + 1800 * 6.0
+    evs += [event(10_000 + k, t + 4.0 * k + rng.random(), "p", "claude-opus-4",
+                  input_tokens=900, output_tokens=100, cost=0.02, request_hash=f"o{k}")
+            for k in range(450)]
+    fs = run(evs)
+    assert first(fs, "cost_spike")
+    assert first(fs, "token_spike") == [], [f.summary for f in first(fs, "token_spike")]
+
+
 def test_switch_to_a_dearer_model_with_more_calls_is_a_cost_and_a_token_spike():
     # one call a minute, then 15 a minute on a model 5x the price: the rise in
     # volume must not teach the baseline price before the 60 s window is tested
