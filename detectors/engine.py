@@ -1293,6 +1293,7 @@ class Engine:
         model = event.model
         rsn = event.reasoning_tokens
         rule = None
+        bar = 0.0  # the bar the call passed (relative rules: the highest of their tests)
         # before the (consumer, model) baseline is warm, a reasoning model's
         # model-wide baseline stands in (output sizes of plain models vary too
         # much between consumers for that)
@@ -1323,20 +1324,19 @@ class Engine:
             zt = rcfg.z if b.has_reasoning else rcfg.z + 1.0
             # ... and a call no bigger than the consumer's own calls so far
             # is no runaway for it, whatever the model's other consumers do
-            if (think >= rcfg.min_tokens
-                    and (own or think >= rcfg.ratio_to_recent_max * b.t_rmax)
-                    and (not own or think >= ref.t_limit(zt)
-                         or think >= (rcfg.extreme_max_ratio if b.has_reasoning
-                                      else rcfg.extreme_max_ratio_output) * ref.t_rmax)
-                    and think >= rmax_ratio * ref.t_rmax
-                    and think >= rcfg.ratio_to_mean * ref.t_geomean()):
+            ext = (rcfg.extreme_max_ratio if b.has_reasoning
+                   else rcfg.extreme_max_ratio_output) * ref.t_rmax
+            bar = max(float(rcfg.min_tokens), rmax_ratio * ref.t_rmax,
+                      rcfg.ratio_to_mean * ref.t_geomean(),
+                      min(ref.t_limit(zt), ext) if own
+                      else rcfg.ratio_to_recent_max * b.t_rmax)
+            if think >= bar:
                 rule = "tokens"
-            else:
-                if (lat >= rcfg.min_latency_s and b.has_reasoning and think >= rcfg.min_tokens
-                        and (own or lat >= rcfg.ratio_to_recent_max * b.l_rmax)
-                        and (not own or lat >= ref.l_limit(rcfg.z))
-                        and lat >= rmax_ratio * ref.l_rmax
-                        and lat >= rcfg.ratio_to_mean * ref.l_geomean()):
+            elif lat >= rcfg.min_latency_s and b.has_reasoning and think >= rcfg.min_tokens:
+                bar = max(rcfg.min_latency_s, rmax_ratio * ref.l_rmax,
+                          rcfg.ratio_to_mean * ref.l_geomean(),
+                          ref.l_limit(rcfg.z) if own else rcfg.ratio_to_recent_max * b.l_rmax)
+                if lat >= bar:
                     rule = "latency"
         if rule is None:
             self._learn_call_size(cs, ms, b, think, lat)
@@ -1351,16 +1351,22 @@ class Engine:
         repeated = len(hist) >= rcfg.repeat_count
         base_t = ref.t_geomean() if ref is not None else 0.0
         base_l = ref.l_geomean() if ref is not None else 0.0
-        if rule in ("max_latency", "latency"):
-            obs, base, thr = lat, base_l, (rcfg.max_latency_s if rule == "max_latency" else
-                                           ref.l_limit(rcfg.z) if ref else 0.0)
+        what = f"thought {think:.0f} tokens"
+        obs, base = think, base_t
+        if rule == "max_latency":
+            obs, base, thr = lat, base_l, rcfg.max_latency_s
             what = f"ran {lat:.0f} s"
+        elif rule == "latency":
+            obs, base, thr = lat, base_l, bar
+            what = f"ran {lat:.0f} s"
+        elif rule == "max_tokens":
+            thr = rcfg.max_think_tokens
+        elif rule == "reasoning_budget":
+            # the output limit the call ran into
+            obs = float(event.output_tokens)
+            thr = float(event.max_output_tokens or event.output_tokens)
         else:
-            obs, base = think, base_t
-            thr = (rcfg.max_think_tokens if rule == "max_tokens" else
-                   float(event.max_output_tokens or event.output_tokens)
-                   if rule == "reasoning_budget" else ref.t_limit(rcfg.z) if ref else 0.0)
-            what = f"thought {think:.0f} tokens"
+            thr = bar
         summary = (f"{cs.key}: a {model} call {what} (typical {_fmt(base_t)} tokens, "
                    f"{base_l:.0f} s; rule {rule})")
         if repeated:

@@ -394,6 +394,12 @@ def test_scoring_on_synthetic_anomalies():
     assert "retry_storm" in format_report(rep)
     for kind in ("runaway_reasoning", "retry_storm", "agent_loop"):
         assert rep["kinds"][kind]["recall"] == 1.0, (kind, rep["missed"])
+    # a finding shows the bar its observed value passed (an SRE reads "why"
+    # from the two): never a threshold above the observation
+    below = [f["summary"] for f in fs if f["revision"] == 0
+             and f["observed"] < f["threshold"] * (1 - 1e-9)]
+    assert below == []
+    assert {f["kind"] for f in fs} >= {"runaway_reasoning", "retry_storm", "failure_spike"}
 
 
 def test_scoring_weak_labels_and_side_effects():
