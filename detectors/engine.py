@@ -1353,14 +1353,15 @@ class Engine:
         base_l = ref.l_geomean() if ref is not None else 0.0
         what = f"thought {think:.0f} tokens"
         obs, base = think, base_t
+        thr = bar
         if rule == "max_latency":
-            obs, base, thr = lat, base_l, rcfg.max_latency_s
+            obs, base, thr = lat, base_l, float(rcfg.max_latency_s)
             what = f"ran {lat:.0f} s"
         elif rule == "latency":
             obs, base, thr = lat, base_l, bar
             what = f"ran {lat:.0f} s"
         elif rule == "max_tokens":
-            thr = rcfg.max_think_tokens
+            thr = float(rcfg.max_think_tokens)
         elif rule == "reasoning_budget":
             # the output limit the call ran into
             obs = float(event.output_tokens)
