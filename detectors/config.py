@@ -187,6 +187,10 @@ class TokenSpikeConfig:
     # ... once the consumer has this much history: its recent high must have
     # seen its usual swings (on/off batch phases) before a lower bar applies
     persist_warmup_min: float = 120.0
+    # two whole minutes in a row, each (trimmed) this many times the recent
+    # normal 60 s high (and ratio x the EW mean, the 60 s floor, window_min_calls
+    # calls each): a step below the 60 s window's bar that lasts; 0 disables
+    pair_ratio_to_recent_max: float = 2.0
     # both windows: the second largest call (the largest is left out) at most
     # this share of the excess over the EW mean (two big calls are no rate change)
     spread_share: float = 1.0 / 3.0

@@ -671,6 +671,20 @@ class Engine:
               and ts - cs.first_ts >= tc.persist_warmup_min * 60.0):
             self._rule_token_spike(cs, ts, None, out, sustained=True, obs=st, thr=thr_p, calls=n,
                                    lasting=hp)
+        elif tc.pair_ratio_to_recent_max > 0 and tc.enabled:
+            # two whole minutes, each well above the recent normal 60 s high:
+            # a step that the 60 s window's bar (ratio_to_recent_max) misses
+            # and that two bursts in a row of a bursty consumer do not reach
+            p_min, p_n, sec0, sec1 = vol.pair()
+            base1 = NB * vol.mean_t
+            thr2 = max(tc.min_tokens_per_min, tc.ratio * base1,
+                       young * tc.pair_ratio_to_recent_max * max(vol.max1_t, vol.dh1))
+            if (p_min >= thr2 and p_n >= tc.window_min_calls
+                    and sec0 <= tc.spread_share * (p_min - base1)
+                    and sec1 <= tc.spread_share * (p_min - base1)
+                    and not vol.dominated5()):
+                self._rule_token_spike(cs, ts, None, out, sustained=False, obs=p_min,
+                                       thr=thr2, calls=p_n, pair=True)
         if hit_c and hc >= 2:
             self._rule_cost_spike(cs, ts, None, out, sustained=True, obs=sc, thr=thr_c, calls=n)
         return thr_t, thr_c
@@ -763,7 +777,7 @@ class Engine:
     # ------------------------------------------------------- token / cost
     def _rule_token_spike(self, cs: ConsumerState, ts: float, event: UsageEvent | None,
                           out: list[Finding], *, sustained: bool, obs: float, thr: float,
-                          calls: float, lasting: int = 0) -> None:
+                          calls: float, lasting: int = 0, pair: bool = False) -> None:
         """token_spike: the token rate of a sliding window (60 s, tested on
         every event; or 5 min, tested each minute, twice in a row, or
         ``lasting`` minutes in a row on the persistent path), without its
@@ -778,7 +792,8 @@ class Engine:
         win = 5.0 if sustained else 1.0
         base = NB * vol.mean_t
         rmax = (vol.max5_t / 5.0) if sustained else vol.max1_t
-        evidence: dict[str, Any] = {"rule": "window_5m" if sustained else "window_60s",
+        evidence: dict[str, Any] = {"rule": "window_5m" if sustained else
+                                    "minutes_2" if pair else "window_60s",
                                     "tokens_per_min": round(obs / win), "calls": int(calls),
                                     "baseline_tokens_per_min": round(base, 1),
                                     "recent_normal_max_per_min": round(rmax, 1)}
@@ -791,8 +806,9 @@ class Engine:
                    consumer=cs.key, model=event.model if event is not None else None, ts=ts,
                    first_ts=ts - 60.0 * win, observed=round(per_min, 1), baseline=base,
                    threshold=thr / win,
-                   summary=(f"{cs.key}: {_fmt(per_min)} tokens/min over the last "
-                            f"{win:.0f} min ({int(calls)} calls, largest left out) vs a "
+                   summary=(f"{cs.key}: {_fmt(per_min)} tokens/min over "
+                            + ("each of the last 2 min" if pair else f"the last {win:.0f} min")
+                            + f" ({int(calls)} calls, largest left out) vs a "
                             f"baseline of {_fmt(base)} and a recent normal high of "
                             f"{_fmt(rmax)} (threshold {_fmt(thr / win)}"
                             + (f", {lasting} minutes in a row)" if lasting else ")")),

@@ -347,6 +347,20 @@ class Volume(Record):
                 mc = a[o + 4]
         return wt - mt, wc - mc, wn
 
+    def pair(self) -> tuple[float, float, float, float]:
+        """The closing minute and the one before it (minute ring; zeros for
+        a minute without calls): the lower of their trimmed totals (tokens
+        without the minute's largest call), the fewer of their independent
+        calls, and each minute's second largest call (its largest left in).
+        Called, as window5, before the minute ring moves on."""
+        a = self.a
+        j1 = _MIN0 + (self.m % NM) * NF
+        j0 = _MIN0 + ((self.m - 1) % NM) * NF
+        t1 = a[j1] - a[j1 + 3]
+        t0 = a[j0] - a[j0 + 3]
+        n = a[j1 + 2] if a[j1 + 2] < a[j0 + 2] else a[j0 + 2]
+        return (t1 if t1 < t0 else t0), n, a[j0 + 5], a[j1 + 5]
+
     def advance5(self, m: int, st: float, sc: float, learn_t: bool, learn_c: bool,
                  max_decay_min: float, thr_t: float = INF, thr_c: float = INF) -> None:
         """Learn from the closed 5 min window (trimmed totals ``st``, ``sc``;

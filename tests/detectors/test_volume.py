@@ -63,6 +63,22 @@ def test_step_is_seen_within_a_minute():
     assert fs[0].detected_at.timestamp() - t <= 60
 
 
+def test_a_step_under_the_60s_bar_is_seen_after_two_whole_minutes():
+    # the bursty consumer's normal 60 s windows reach 7x its mean, so the 60 s
+    # bar is over 20x; a step to 19x its mean (2.7x its recent normal high)
+    # lasts: two whole minutes above twice the recent high are no burst
+    evs = bursty("s", 180, rate=6.0)
+    t = T0 + 180 * 60
+    evs += [event(900_000 + k, t + k * 0.45, "s", input_tokens=2000, output_tokens=250,
+                  request_hash=f"x{k}") for k in range(1300)]
+    [f] = first(run(evs), "token_spike")
+    assert f.evidence["rule"] == "minutes_2" and f.detected_at.timestamp() - t <= 130
+    # without that rule the 5 min window sees it two minutes later
+    off = Engine(DetectorConfig.from_dict({"token_spike": {"pair_ratio_to_recent_max": 0}}))
+    [g] = first(run(evs, off), "token_spike")
+    assert g.detected_at.timestamp() - t >= 200
+
+
 def test_one_giant_call_or_one_agent_run_is_not_a_token_spike():
     evs = bursty("g", 180)
     t = T0 + 180 * 60
