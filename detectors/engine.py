@@ -60,6 +60,9 @@ from .volume import (
 SNAPSHOT_VERSION: Final = 11
 TICK_S: Final = 15.0
 SWEEP_S: Final = 60.0
+# decayed failures of a request (tau_s) above which a new failure is a retry:
+# one failure within two time constants
+RETRY_RECENT: Final = math.exp(-2.0)
 EVICT_SWEEP_S: Final = 600.0
 LEARN_SAMPLE: Final = 4  # settled (consumer, model) call-size baselines learn from 1 call in 4
 MODEL_SAMPLE: Final = 4  # model-wide call-size baselines learn from one call in this many
@@ -1153,7 +1156,8 @@ class Engine:
                 rs.c = 0.0
                 rs.total = 0
             elif first >= 0.0:
-                rs.f = 1.0
+                # the first attempt failed at ``first``: decayed to now
+                rs.f = math.exp(-max(ts - first, 0.0) / rc.tau_s)
                 rs.total_fail = 1
             if rc.enabled:
                 rs.win = HashWindow(min(32, max(2, math.ceil(rc.min_attempts), rc.min_failed)))
@@ -1162,13 +1166,18 @@ class Engine:
                     # not an attempt of a retry sequence (what follows is
                     # asking again), and its time is not kept
                     rs.win.add(first, True)
-        prev_fail = rs.f > 0.5 or rs.total_fail > 0
         dt = ts - rs.t
         if dt > 0:
             d = math.exp(-dt / rc.tau_s)
             rs.c *= d
             rs.f *= d
             rs.t = ts
+        # a failure repeats a failing request when that request failed within
+        # about two minutes (client retries and their backoff); a cron job's
+        # or a popular prompt's next call minutes later is a new request,
+        # and its failure is one more failing request (else a consumer whose
+        # few prompts all repeat hides its failure spike)
+        prev_fail = rs.f > RETRY_RECENT
         rs.c += 1.0
         rs.total += 1
         win = rs.win

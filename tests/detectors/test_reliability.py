@@ -294,6 +294,25 @@ def test_usual_calls_failing_are_a_failure_spike_not_a_storm():
 
 
 # --------------------------------------------------------------- failure_spike
+def test_a_consumer_whose_prompts_all_repeat_still_shows_its_failure_spike():
+    # a scheduled consumer sends the same six prompts every 3 minutes (a call
+    # every 30 s); then 90 % of its calls fail for 20 minutes, unretried.  A
+    # prompt that failed on its last run minutes ago is a new request now,
+    # not a retry of that one: the failures must count
+    rng = random.Random(21)
+    evs = []
+    for k in range(int(9000 / 30)):
+        t = T0 + 30.0 * k + rng.random()
+        d = event(k, t, "sched", request_hash=f"job{k % 6}")
+        # each prompt failed once long before (on its second run), then the spike
+        if 6 <= k < 12 or (T0 + 6000 <= t < T0 + 7200 and rng.random() < 0.9):
+            d.update(status=503, error="upstream_5xx", output_tokens=0, finish_reason="error")
+        evs.append(d)
+    spikes = first(run(evs), "failure_spike")
+    assert spikes and T0 + 6000 <= spikes[0].detected_at.timestamp() <= T0 + 6600
+    assert not first(run(evs), "retry_storm")
+
+
 def test_timeouts_of_a_burst_arriving_after_it_are_no_failure_spike():
     # a burst of 80 calls in a minute every five minutes; 6 % of calls time
     # out after 60-110 s, so they arrive together once the burst is over,
