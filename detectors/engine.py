@@ -683,8 +683,7 @@ class Engine:
             thr2 = max(tc.min_tokens_per_min, tc.ratio * base1,
                        young * tc.pair_ratio_to_recent_max * max(vol.max1_t, vol.dh1))
             if (p_min >= thr2 and p_n >= tc.window_min_calls
-                    and sec0 <= tc.spread_share * (p_min - base1)
-                    and sec1 <= tc.spread_share * (p_min - base1)
+                    and _spread(p_min, max(sec0, sec1), base1, tc.spread_share)
                     and not vol.dominated5()):
                 self._rule_token_spike(cs, ts, None, out, sustained=False, obs=p_min,
                                        thr=thr2, calls=p_n, pair=True)
@@ -1377,13 +1376,12 @@ class Engine:
         base_t = ref.t_geomean() if ref is not None else 0.0
         base_l = ref.l_geomean() if ref is not None else 0.0
         what = f"thought {think:.0f} tokens"
-        obs, base = think, base_t
-        thr = bar
+        obs, base, thr = think, base_t, bar  # tokens, latency: the bar computed above
         if rule == "max_latency":
             obs, base, thr = lat, base_l, float(rcfg.max_latency_s)
             what = f"ran {lat:.0f} s"
         elif rule == "latency":
-            obs, base, thr = lat, base_l, bar
+            obs, base = lat, base_l
             what = f"ran {lat:.0f} s"
         elif rule == "max_tokens":
             thr = float(rcfg.max_think_tokens)
@@ -1391,8 +1389,6 @@ class Engine:
             # the output limit the call ran into
             obs = float(event.output_tokens)
             thr = float(event.max_output_tokens or event.output_tokens)
-        else:
-            thr = bar
         summary = (f"{cs.key}: a {model} call {what} (typical {_fmt(base_t)} tokens, "
                    f"{base_l:.0f} s; rule {rule})")
         if repeated:
