@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+import tomllib
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -132,10 +133,16 @@ def main(argv: list[str] | None = None) -> int:
                          "(the issue's definitions, see bench/natural.py) as weak labels: "
                          "findings on them are explained, not false")
     ap.add_argument("--json", help="write the report as JSON to this file")
+    ap.add_argument("--detectors-file", metavar="TOML",
+                    help="detector settings, as `tokenward run --detectors-file` reads them "
+                         "(e.g. deploy/detectors.quiet.toml)")
     ap.add_argument("--set", action="append", default=[], metavar="KIND.KEY=VALUE",
-                    help="override a detector setting (repeatable)")
+                    help="override a detector setting (repeatable; wins over --detectors-file)")
     a = ap.parse_args(argv)
     over: dict[str, dict[str, Any]] = {}
+    if a.detectors_file:
+        with open(a.detectors_file, "rb") as fh:
+            over = tomllib.load(fh)
     for kv in a.set:
         k, v = kv.split("=", 1)
         kind, key = k.split(".", 1)

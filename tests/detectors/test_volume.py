@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import random
 
 import pytest
@@ -346,3 +347,37 @@ def test_time_of_day_profile_codes_round_up_and_decay_per_day():
     assert 450 <= v.dh1 <= 550  # halved
     v.enter_hour(86400.0 + 9 * 3600.0, 0.5)
     assert v.prof[9] == 72 and 450 <= v.dh1 <= 550  # decayed once, not twice
+
+
+def _quiet() -> DetectorConfig:
+    # read as the service reads --detectors-file
+    from api.service import read_toml
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "deploy", "detectors.quiet.toml")
+    return DetectorConfig.from_dict(read_toml(path, "detectors"))
+
+
+def test_the_quiet_preset_trades_moderate_steps_for_fewer_findings():
+    cfg = _quiet()
+    tc = cfg.settings.token_spike
+    assert tc.persist_windows > 63 and tc.pair_ratio_to_recent_max == 3.0
+    assert cfg.settings.retry_storm == DetectorConfig.from_dict({}).settings.retry_storm
+    # the lasting step at 2.7x the recent normal high: the default finds it
+    # after two whole minutes, the preset only when the 5 min windows see it
+    evs = bursty("s", 180, rate=6.0)
+    t = T0 + 180 * 60
+    evs += [event(900_000 + k, t + k * 0.45, "s", input_tokens=2000, output_tokens=250,
+                  request_hash=f"x{k}") for k in range(1300)]
+    [f] = first(run(evs), "token_spike")
+    assert f.detected_at.timestamp() - t <= 130
+    [g] = first(run(evs, Engine(cfg)), "token_spike")
+    assert g.evidence["rule"] == "window_5m" and g.detected_at.timestamp() - t >= 300
+    # a step to 30x the mean: the default's 60 s window within a minute, the
+    # preset's two-minute rule a minute later
+    big = bursty("s", 180, rate=6.0)
+    big += [event(900_000 + k, t + k * 1.0, "s", input_tokens=6000, output_tokens=750,
+                  request_hash=f"y{k}") for k in range(600)]
+    [f] = first(run(big), "token_spike")
+    assert f.detected_at.timestamp() - t <= 60
+    [g] = first(run(big, Engine(cfg)), "token_spike")
+    assert g.detected_at.timestamp() - t <= 130
