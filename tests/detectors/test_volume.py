@@ -150,6 +150,27 @@ def test_tiny_consumer_never_pages():
     assert first(run(evs), "token_spike") == []
 
 
+def test_a_lasting_rise_under_the_5min_floor_pages_nobody():
+    # a small consumer (a call of ~1.5k tokens a minute) goes to 12 calls a
+    # minute for 20 minutes: 12x its mean and far above its recent high, but
+    # 18k tokens a minute, under the 5 min window's floor (25k a minute) and
+    # the 60 s window's (20k); the same step at twice the size is a spike
+    def step(size: int) -> list[dict]:
+        rng = random.Random(11)
+        evs = [event(k, T0 + 60 * k + rng.random() * 50, "small", input_tokens=1300,
+                     output_tokens=200, request_hash=f"b{k}") for k in range(180)]
+        t = T0 + 180 * 60
+        evs += [event(1000 + k, t + 5 * k + rng.random(), "small", input_tokens=size,
+                      output_tokens=size // 8, request_hash=f"s{k}") for k in range(240)]
+        return evs
+
+    assert first(run(step(1330)), "token_spike") == []
+    assert len(first(run(step(2660)), "token_spike")) == 1
+    # the floor it was (10k a minute) let the smaller step page
+    low = Engine(DetectorConfig.from_dict({"token_spike": {"sustained_min_tokens_per_min": 10000}}))
+    assert first(run(step(1330), low), "token_spike")
+
+
 def test_long_conversation_is_not_an_agent_loop():
     evs = [event(k, T0 + 30 * k, "chat", session_id="conv", input_tokens=1000 + 10 * k,
                  request_hash=f"c{k}") for k in range(60)]
