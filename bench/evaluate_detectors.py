@@ -22,7 +22,6 @@ import json
 import os
 import sys
 import time
-import tomllib
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -141,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     over: dict[str, dict[str, Any]] = {}
     if a.detectors_file:
-        with open(a.detectors_file, "rb") as fh:
-            over = tomllib.load(fh)
+        from api.service import read_toml  # the service's own reader and errors
+
+        over = read_toml(a.detectors_file, "detectors")
     for kv in a.set:
         k, v = kv.split("=", 1)
         kind, key = k.split(".", 1)
