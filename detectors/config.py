@@ -236,8 +236,11 @@ class CostSpikeConfig:
     sustained_min_cost_per_min: float = 0.05  # 5 min window: floor per minute
     sustained_ratio: float = 4.0
     sustained_ratio_to_recent_max: float = 4.0
-    # cost per token this many times its baseline (uncached calls alone double it)
-    price_ratio: float = 2.5
+    # cost per token this many times its baseline: a dearer model, or answers
+    # grown far longer (output tokens cost 4-5x input ones: a chat consumer's
+    # outputs x16 raise its price only ~1.8x; at 2.5x these were reported as
+    # token spikes alone)
+    price_ratio: float = 1.5
     price_jump: float = 4.0  # at this many times the baseline cost per token ...
     price_jump_volume_ratio: float = 3.0  # ... the 60 s cost need only be this x its mean
     quiet_s: float = 300.0

@@ -141,6 +141,30 @@ def test_switch_to_a_dearer_model_with_more_calls_is_a_cost_and_a_token_spike():
     assert first(fs, "token_spike")
 
 
+def test_huge_outputs_on_the_same_model_are_a_cost_spike():
+    # a chat consumer on gpt-4o (input 2.5, output 10 per Mtok): 1,000 tokens
+    # in and 500 out a call, 5 per Mtok; then the same calls answer with 8,000
+    # tokens (max_tokens raised, a prompt asking for everything): 9.2 per Mtok,
+    # 1.8x the price, and 11x the cost a minute
+    def cost(i: int, o: int) -> float:
+        return i * 2.5e-6 + o * 10e-6
+
+    rng = random.Random(4)
+    evs = [event(k, T0 + 6.0 * k + rng.random() * 3, "chat", input_tokens=1000,
+                 output_tokens=500, cost=cost(1000, 500), request_hash=f"c{k}")
+           for k in range(1800)]
+    t = T0 + 1800 * 6.0
+    evs += [event(10_000 + k, t + 6.0 * k + rng.random() * 3, "chat", input_tokens=1000,
+                  output_tokens=8000, cost=cost(1000, 8000), request_hash=f"h{k}")
+            for k in range(150)]
+    [f] = first(run(evs), "cost_spike")
+    assert f.detected_at.timestamp() - t <= 120
+    assert f.evidence["cost_per_mtok"] / f.evidence["baseline_cost_per_mtok"] < 2.0
+    # at the price bar it had (2.5x), only the token_spike reported it
+    old = Engine(DetectorConfig.from_dict({"cost_spike": {"price_ratio": 2.5}}))
+    assert first(run(evs, old), "cost_spike") == []
+
+
 def test_tiny_consumer_never_pages():
     evs = [event(k, T0 + 120 * k, "tiny", input_tokens=300, request_hash=f"t{k}")
            for k in range(200)]
