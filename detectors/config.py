@@ -49,6 +49,11 @@ class RunawayConfig:
 
     enabled: bool = True
     warmup_calls: int = 30  # calls of a (consumer, model) before relative checks
+    # before that, the model-wide baseline stands in once it has this much
+    # history (minutes since the model's first call): a baseline of the first
+    # minutes after a start has seen few of the model's consumers, and a
+    # heavy consumer's ordinary first calls would stand out against it
+    standin_warmup_min: float = 30.0
     z: float = 5.0  # log-space z-score above the (consumer, model) mean
     ratio_to_recent_max: float = 1.5  # and this many times the slowly decaying max
     ratio_to_mean: float = 6.0  # and this many times the geometric mean
@@ -437,6 +442,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "reopen_s": (lambda x: x >= 0, "must be >= 0 (0: an episode never reopens)"),
     "min_window_s": (lambda x: x >= 0, "must be >= 0 (0: windows of any length are tested)"),
     "reopen_ratio": _NONNEG,
+    "standin_warmup_min": (lambda x: x >= 0, "must be >= 0 (0: the model-wide baseline "
+                                             "stands in as soon as it has warmup_calls)"),
     "daily_decay": (lambda x: 0.0 <= x < 1.0,
                     "must be >= 0 and < 1 (the share of a high kept a day later; 0 disables)"),
 }

@@ -392,6 +392,11 @@ class Engine:
                 s = cache[key] = eng.config.settings_for(cs.tenant, cs.key)
             cs.cfg = s
             cs.hot = eng._hot(s)
+        for ms in eng._models.values():
+            if getattr(ms, "first_ts", None) is None:
+                # a snapshot from before first_ts existed: its models have
+                # had their warm-up
+                ms.first_ts = -INF
         ec = eng.config.engine
         eng._book.interval_s, eng._book.growth = ec.update_interval_s, ec.update_growth
         eng._cache_config()
@@ -1304,7 +1309,10 @@ class Engine:
           overstate the tail), ``ratio_to_mean`` x its
           geometric mean and ``ratio_to_recent_max`` x the largest call seen
           lately.  Before the (consumer, model) baseline has
-          ``warmup_calls`` calls, the model-wide baseline is used.
+          ``warmup_calls`` calls, the model-wide baseline is used, once the
+          model has ``standin_warmup_min`` of history (at a cold start every
+          consumer is new, and a heavy thinker's ordinary first calls stand
+          out against the model's first minutes).
 
         ``repeat_count`` runaway calls within ``repeat_window_s`` escalate the
         consumer's episode to critical / block (an attack on a reasoning model).
@@ -1320,15 +1328,18 @@ class Engine:
         bar = 0.0  # the bar the call passed (relative rules: the highest of their tests)
         # before the (consumer, model) baseline is warm, a reasoning model's
         # model-wide baseline stands in (output sizes of plain models vary too
-        # much between consumers for that)
-        ref: ModelCallBaseline | None = b if b.t_n >= rcfg.warmup_calls else (
+        # much between consumers for that): at once to hold back the duration
+        # guardrail (it can only make it stricter), for the relative rules
+        # once it has standin_warmup_min of history
+        guard: ModelCallBaseline | None = b if b.t_n >= rcfg.warmup_calls else (
             ms.size if ms.size.t_n >= rcfg.warmup_calls and ms.size.has_reasoning
             else None)
+        ref = guard if guard is b or ts - ms.first_ts >= 60.0 * rcfg.standin_warmup_min else None
         if (lat >= rcfg.max_latency_s and b.has_reasoning and think >= rcfg.min_tokens
-                and (ref is None or (
-                    (think >= ref.t_limit(0.7 * rcfg.z)
-                     or think >= 0.5 * rcfg.extreme_max_ratio * ref.t_rmax)
-                    and think >= rcfg.ratio_to_recent_max * ref.t_rmax))):
+                and (guard is None or (
+                    (think >= guard.t_limit(0.7 * rcfg.z)
+                     or think >= 0.5 * rcfg.extreme_max_ratio * guard.t_rmax)
+                    and think >= rcfg.ratio_to_recent_max * guard.t_rmax))):
             # a long call that also thought unusually much (a slow call with a
             # normal amount of thinking is upstream latency, not runaway reasoning)
             rule = "max_latency"
@@ -1373,8 +1384,8 @@ class Engine:
         if len(hist) > 64:
             del hist[:-64]
         repeated = len(hist) >= rcfg.repeat_count
-        base_t = ref.t_geomean() if ref is not None else 0.0
-        base_l = ref.l_geomean() if ref is not None else 0.0
+        base_t = guard.t_geomean() if guard is not None else 0.0
+        base_l = guard.l_geomean() if guard is not None else 0.0
         what = f"thought {think:.0f} tokens"
         obs, base, thr = think, base_t, bar  # tokens, latency: the bar computed above
         if rule == "max_latency":

@@ -387,10 +387,11 @@ class ModelState(Record):
     calls (consumer -> count) and failures (only consumers that failed)."""
 
     __slots__ = ("b_start", "calls", "check_at", "cur", "cur_f", "cur_n", "curf", "f_base",
-                 "last_ts", "n_base", "prev", "prev_f", "prev_n", "prevf", "size")
+                 "first_ts", "last_ts", "n_base", "prev", "prev_f", "prev_n", "prevf", "size")
 
     def __init__(self, ts: float) -> None:
         self.b_start = ts
+        self.first_ts = ts  # the model's first call (the runaway stand-in's warm-up)
         self.cur: dict[str, int] = {}  # consumer -> calls
         self.curf: dict[str, int] = {}  # consumer -> failures (> 0)
         self.prev: dict[str, int] = {}

@@ -72,22 +72,48 @@ def test_runaway_relative_needs_warmup():
     assert kinds(run(evs)) == ["runaway_reasoning"]
 
 
+def _model_users(start: float, n: int = 500) -> list[dict]:
+    """Six consumers of o3-mini thinking ~300 tokens a call, from ``start``."""
+    return [e for c in range(6) for e in steady(f"o{c}", n, gap=1.2, model="o3-mini",
+                                                start=start, i0=1000 * (c + 1),
+                                                reasoning_tokens=300, output_tokens=400)]
+
+
 def test_model_wide_stand_in_respects_the_consumers_own_calls():
     # a new heavy consumer (own baseline not warm yet) thinks ~5.5k tokens;
-    # the model's other consumers ~300: judged on the model-wide baseline a
-    # 7k call would be runaway, but it is 1.3x the consumer's own largest
-    heavy = [event(9000 + k, T0 + 5 * k, "h", "o3-mini", reasoning_tokens=5000 + 25 * k,
+    # the model's other consumers ~300 (for 40 minutes already): judged on the
+    # model-wide baseline a 7k call would be runaway, but it is 1.3x the
+    # consumer's own largest
+    t = T0 + 2400
+    heavy = [event(9000 + k, t + 5 * k, "h", "o3-mini", reasoning_tokens=5000 + 25 * k,
                    output_tokens=5600 + 25 * k, request_hash=f"h{k}") for k in range(20)]
-    others = [e for c in range(6) for e in steady(f"o{c}", 500, gap=1.2, model="o3-mini",
-                                                  start=T0 + 100, i0=1000 * (c + 1),
-                                                  reasoning_tokens=300, output_tokens=400)]
-    big = event(9100, T0 + 720, "h", "o3-mini", reasoning_tokens=7000, output_tokens=7600,
+    others = _model_users(T0, 2500)
+    big = event(9100, t + 720, "h", "o3-mini", reasoning_tokens=7000, output_tokens=7600,
                 request_hash="hb")
     evs = sorted(heavy + others + [big], key=lambda d: d["ts"])
     assert kinds(run(evs)) == []
     huge = dict(big, reasoning_tokens=30_000, output_tokens=30_600)
     evs = sorted(heavy + others + [huge], key=lambda d: d["ts"])
     assert kinds(run(evs)) == ["runaway_reasoning"]
+
+
+def test_model_wide_stand_in_waits_for_its_own_warm_up():
+    # at a cold start every consumer is new: a heavy thinker's first calls
+    # (15k tokens against the other consumers' 300) are its normal, and a
+    # baseline of the model's first minutes cannot say otherwise
+    heavy = [event(9000 + k, T0 + 60 + 20 * k, "h", "o3-mini", reasoning_tokens=15_000,
+                   output_tokens=15_600, request_hash=f"h{k}") for k in range(5)]
+    assert kinds(run(sorted(_model_users(T0) + heavy, key=lambda d: d["ts"]))) == []
+    # a consumer new to the model once the model has 30 minutes of history,
+    # thinking 30k tokens at its first call, is judged on the model-wide one
+    late = [event(9000, T0 + 1900, "n", "o3-mini", reasoning_tokens=30_000,
+                  output_tokens=30_600, request_hash="n0")]
+    assert kinds(run(sorted(_model_users(T0, 2000) + late, key=lambda d: d["ts"]))) == [
+        "runaway_reasoning"]
+    # without the stand-in's warm-up, the cold start's first heavy call fired
+    eager = Engine(DetectorConfig.from_dict({"runaway_reasoning": {"standin_warmup_min": 0}}))
+    assert kinds(run(sorted(_model_users(T0) + heavy, key=lambda d: d["ts"]), eager)) == [
+        "runaway_reasoning"]
 
 
 def test_retry_storm_fires_fast_and_blocks():
