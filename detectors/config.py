@@ -69,6 +69,22 @@ class RunawayConfig:
     max_think_tokens: int = 64000  # guardrail on reasoning (or output) tokens
     length_min_reasoning: int = 16000  # finish_reason=length with this much reasoning
     length_reasoning_share: float = 0.9  # ... making up this share of the output
+    # a model that reports no reasoning and stopped at its output limit
+    # (finish_reason=length) is judged by the relative rules from this many
+    # output tokens instead of min_tokens: a plain model stuck repeating
+    # itself up to a max_tokens of 4096 (a common limit) is the usual case
+    length_min_output: int = 4000
+    # while a (consumer, model) baseline warms up (fewer than warmup_calls):
+    # once it has young_min_calls calls, a call at young_max_ratio x the
+    # largest of them (and ratio_to_mean x their geometric mean, min_tokens)
+    # is runaway on the consumer's own evidence, whatever the model's other
+    # consumers do (the model-wide stand-in's bar is 2 x ratio_to_recent_max
+    # x the model's largest recent call, above a light thinker's runaway).
+    # The largest of a few calls sits 1-1.5 log sd below a warm baseline's
+    # recent maximum, so 25x it is about as strict as extreme_max_ratio(_output)
+    # x a warm maximum (10x fired on a heavy-tailed consumer's 20x-typical answer)
+    young_min_calls: int = 5
+    young_max_ratio: float = 25.0
     repeat_count: int = 3  # runaway calls from one consumer within repeat_window_s
     repeat_window_s: float = 1800.0  # ... escalate to critical / block
     quiet_s: float = 1800.0

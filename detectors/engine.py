@@ -317,8 +317,8 @@ class Engine:
                 # every rule needs min_tokens of thinking, or max_think_tokens,
                 # or the reasoning budget hit
                 if (think < hot.rr_min_tokens and think < hot.rr_max_think
-                        and (rsn < hot.rr_len_min
-                             or ev["finish_reason"] != "length")):
+                        and (ev["finish_reason"] != "length"
+                             or (rsn < hot.rr_len_min and think < hot.rr_len_out))):
                     if b.t_n >= 200 and cs.calls % LEARN_SAMPLE:
                         # a settled baseline learns its mean/variance from one
                         # call in LEARN_SAMPLE; the recent maximum sees every call
@@ -1312,7 +1312,16 @@ class Engine:
           ``warmup_calls`` calls, the model-wide baseline is used, once the
           model has ``standin_warmup_min`` of history (at a cold start every
           consumer is new, and a heavy thinker's ordinary first calls stand
-          out against the model's first minutes).
+          out against the model's first minutes);
+        * young: while the (consumer, model) baseline has ``young_min_calls``
+          to ``warmup_calls`` calls, ``young_max_ratio`` x the largest of them
+          (and ``ratio_to_mean`` x their geometric mean): a light thinker's
+          runaway stays under the stand-in's bar when the model also serves
+          heavy thinkers.
+
+        A plain model's call stopped at its output limit (``finish_reason=
+        length``) is judged from ``length_min_output`` tokens instead of
+        ``min_tokens`` (a model repeating itself up to its max_tokens).
 
         ``repeat_count`` runaway calls within ``repeat_window_s`` escalate the
         consumer's episode to critical / block (an attack on a reasoning model).
@@ -1325,6 +1334,11 @@ class Engine:
         model = event.model
         rsn = event.reasoning_tokens
         rule = None
+        # a plain model stopped at its output limit: judged from fewer tokens
+        min_tok = float(min(rcfg.min_tokens, rcfg.length_min_output)
+                        if event.finish_reason == "length" and not b.has_reasoning
+                        else rcfg.min_tokens)
+        young = False  # fired on a warming-up baseline's own calls
         bar = 0.0  # the bar the call passed (relative rules: the highest of their tests)
         # before the (consumer, model) baseline is warm, a reasoning model's
         # model-wide baseline stands in (output sizes of plain models vary too
@@ -1361,7 +1375,7 @@ class Engine:
             # is no runaway for it, whatever the model's other consumers do
             ext = (rcfg.extreme_max_ratio if b.has_reasoning
                    else rcfg.extreme_max_ratio_output) * ref.t_rmax
-            bar = max(float(rcfg.min_tokens), rmax_ratio * ref.t_rmax,
+            bar = max(min_tok, rmax_ratio * ref.t_rmax,
                       rcfg.ratio_to_mean * ref.t_geomean(),
                       min(ref.t_limit(zt), ext) if own
                       else rcfg.ratio_to_recent_max * b.t_rmax)
@@ -1373,6 +1387,13 @@ class Engine:
                           ref.l_limit(rcfg.z) if own else rcfg.ratio_to_recent_max * b.l_rmax)
                 if lat >= bar:
                     rule = "latency"
+        if (rule is None and rcfg.young_min_calls <= b.t_n < rcfg.warmup_calls
+                and think >= min_tok):
+            # a warming-up baseline's own calls: far above the largest of them
+            ybar = max(min_tok, rcfg.young_max_ratio * b.t_rmax,
+                       rcfg.ratio_to_mean * b.t_geomean())
+            if think >= ybar:
+                rule, bar, young = "tokens", ybar, True
         if rule is None:
             self._learn_call_size(cs, ms, b, think, lat)
             return
@@ -1384,8 +1405,9 @@ class Engine:
         if len(hist) > 64:
             del hist[:-64]
         repeated = len(hist) >= rcfg.repeat_count
-        base_t = guard.t_geomean() if guard is not None else 0.0
-        base_l = guard.l_geomean() if guard is not None else 0.0
+        basis = b if young else guard
+        base_t = basis.t_geomean() if basis is not None else 0.0
+        base_l = basis.l_geomean() if basis is not None else 0.0
         what = f"thought {think:.0f} tokens"
         obs, base, thr = think, base_t, bar  # tokens, latency: the bar computed above
         if rule == "max_latency":
@@ -1414,6 +1436,7 @@ class Engine:
                    evidence={"rule": rule, "event_id": event.event_id,
                              "reasoning_tokens": rsn, "output_tokens": event.output_tokens,
                              "latency_s": round(lat, 1), "finish_reason": event.finish_reason,
+                             "baseline_calls": int(b.t_n),
                              "runaway_calls_in_window": len(hist)},
                    quiet_s=rcfg.quiet_s)
 

@@ -41,7 +41,7 @@ class HotSettings:
     __slots__ = ("al_enabled", "al_min_calls", "al_min_tokens", "attempt_alone",
                  "cb_enabled", "cb_min_calls", "cb_min_growth", "cb_min_input",
                  "fs_keep", "fs_long_tau", "fs_min_failures", "fs_short_tau",
-                 "rr_enabled", "rr_len_min", "rr_max_think", "rr_min_tokens")
+                 "rr_enabled", "rr_len_min", "rr_len_out", "rr_max_think", "rr_min_tokens")
 
     def __init__(self, cfg: Settings) -> None:
         fc = cfg.failure_spike
@@ -54,6 +54,7 @@ class HotSettings:
         self.rr_min_tokens: int = rc.min_tokens
         self.rr_max_think: int = rc.max_think_tokens
         self.rr_len_min: int = rc.length_min_reasoning
+        self.rr_len_out: int = rc.length_min_output
         ac = cfg.agent_loop
         self.al_enabled: bool = ac.enabled
         self.al_min_calls: int = ac.min_calls

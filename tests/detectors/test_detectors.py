@@ -116,6 +116,51 @@ def test_model_wide_stand_in_waits_for_its_own_warm_up():
         "runaway_reasoning"]
 
 
+def test_a_warming_up_consumers_own_calls_judge_a_runaway():
+    # a light thinker new to the model (6 calls of ~400 tokens) thinks 25k
+    # tokens; the model's other consumers include a heavy one, so the
+    # model-wide stand-in's bar (3x the model's largest recent call) is above
+    # 25k: the consumer's own few calls say it is 60x their largest
+    heavy = [event(8000 + k, T0 + 30 * k, "h", "o3-mini", reasoning_tokens=12_000,
+                   output_tokens=12_600, request_hash=f"hv{k}") for k in range(100)]
+    light = [event(9000 + k, T0 + 2400 + 20 * k, "l", "o3-mini", reasoning_tokens=380 + 5 * k,
+                   output_tokens=700, request_hash=f"l{k}") for k in range(6)]
+    big = event(9100, T0 + 2600, "l", "o3-mini", reasoning_tokens=25_000, output_tokens=25_600,
+                request_hash="lb")
+    evs = sorted(_model_users(T0, 2500) + heavy + light + [big], key=lambda d: d["ts"])
+    fs = [f for f in run(evs) if f.kind == "runaway_reasoning" and f.revision == 0]
+    assert [f.consumer for f in fs] == ["l"]
+    assert fs[0].evidence["baseline_calls"] == 6 and fs[0].threshold < 25_000
+    # 15x their largest is not enough: the largest of a few calls is far
+    # below the recent maximum a warm baseline would have (young_max_ratio 25)
+    mid = dict(big, reasoning_tokens=6_000, output_tokens=6_600)
+    assert kinds(run([mid if e is big else e for e in evs])) == []
+    # four calls are not enough to judge on (young_min_calls 5)
+    assert kinds(run([e for e in evs if e["event_id"] not in ("e9004", "e9005")])) == []
+    # ... and without the rule the stand-in alone misses it
+    off = Engine(DetectorConfig.from_dict({"runaway_reasoning": {"young_min_calls": 99}}))
+    assert kinds(run(evs, off)) == []
+
+
+def test_a_plain_model_stuck_at_its_output_limit_is_runaway():
+    # a chat consumer answering in ~100 tokens; one answer runs to its
+    # max_tokens of 4096 (finish_reason=length): a model repeating itself
+    evs = steady("p", 200, model="gpt-4o-mini")
+    stuck = event(999, T0 + 1300, "p", "gpt-4o-mini", output_tokens=4096,
+                  finish_reason="length", max_output_tokens=4096, latency_ms=40_000)
+    fs = [f for f in run([*evs, stuck]) if f.kind == "runaway_reasoning"]
+    assert [f.evidence["rule"] for f in fs] == ["tokens"]
+    assert fs[0].observed == 4096 and fs[0].threshold == pytest.approx(4000)
+    # a long answer that ended on its own needs min_tokens (6000), as did
+    # one stopped at its limit before length_min_output
+    assert kinds(run([*evs, dict(stuck, finish_reason="stop")])) == []
+    old = Engine(DetectorConfig.from_dict({"runaway_reasoning": {"length_min_output": 6000}}))
+    assert kinds(run([*evs, stuck], old)) == []
+    # ... and a consumer whose answers often run long is not judged by it
+    long = steady("p", 200, model="gpt-4o-mini", output_tokens=1500)
+    assert kinds(run([*long, stuck])) == []
+
+
 def test_retry_storm_fires_fast_and_blocks():
     evs = steady("s", 400)
     t = T0 + 2500
