@@ -317,8 +317,8 @@ class Engine:
                 # every rule needs min_tokens of thinking, or max_think_tokens,
                 # or the reasoning budget hit
                 if (think < hot.rr_min_tokens and think < hot.rr_max_think
-                        and (ev["finish_reason"] != "length"
-                             or (rsn < hot.rr_len_min and think < hot.rr_len_out))):
+                        and ((think < hot.rr_len_out and rsn < hot.rr_len_min)
+                             or ev["finish_reason"] != "length")):
                     if b.t_n >= 200 and cs.calls % LEARN_SAMPLE:
                         # a settled baseline learns its mean/variance from one
                         # call in LEARN_SAMPLE; the recent maximum sees every call
