@@ -381,6 +381,31 @@ def test_context_bloat_is_info():
     assert fs[0].consumer == "cb" and fs[0].scope == "session"
 
 
+def test_context_bloat_through_a_pasted_file_and_uneven_turns():
+    # history resent turn after turn (+3k a turn), one turn pasting a file
+    # (+20k), and every fifth call 30 % shorter than the longest so far (a
+    # short reply, a client trimming a little): one growing conversation
+    sizes, x = [], 6000
+    for k in range(40):
+        x += 20_000 if k == 12 else 3000
+        sizes.append(int(x * 0.6) if k % 5 == 4 else x)
+    evs = [event(k, T0 + 60 * k, "cb", "claude-sonnet-4", session_id="s1", input_tokens=n)
+           for k, n in enumerate(sizes)]
+    fs = [f for f in run(evs) if f.kind == "context_bloat"]
+    assert [f.subject for f in fs if f.revision == 0] == ["s1"]
+    assert fs[0].baseline == sizes[0]
+    # a client that trims its history to under 60 % of its longest starts a
+    # new streak: 9k -> 30k, trimmed to 12k, then 12k -> 39k is under 4x
+    low = Engine(DetectorConfig.from_dict({"context_bloat": {"min_input_tokens": 20_000}}))
+    trimmed = [9000 + 3000 * k for k in range(8)] + [12_000 + 3000 * k for k in range(10)]
+    assert kinds(run([dict(e, input_tokens=n) for e, n in zip(evs, trimmed, strict=False)],
+                     low)) == []
+    # ... while one trimmed by a third goes on (9k -> 38k fires)
+    kept = [9000 + 3000 * k for k in range(8)] + [20_000 + 3000 * k for k in range(7)]
+    assert kinds(run([dict(e, input_tokens=n) for e, n in zip(evs, kept, strict=False)],
+                     low)) == ["context_bloat"]
+
+
 def test_episode_updates_and_resolves():
     evs = steady("s", 400)
     t = T0 + 2500
