@@ -458,6 +458,10 @@ _RULES: dict[str, tuple[Any, str]] = {
     "reopen_s": (lambda x: x >= 0, "must be >= 0 (0: an episode never reopens)"),
     "min_window_s": (lambda x: x >= 0, "must be >= 0 (0: windows of any length are tested)"),
     "reopen_ratio": _NONNEG,
+    # with no calls of its own a baseline's largest call is 0: every call
+    # past min_tokens would be "25x" it
+    "young_min_calls": (lambda x: x >= 1, "must be >= 1 (a young baseline needs calls "
+                                          "of its own; set it to warmup_calls to disable)"),
     "standin_warmup_min": (lambda x: x >= 0, "must be >= 0 (0: the model-wide baseline "
                                              "stands in as soon as it has warmup_calls)"),
     "daily_decay": (lambda x: 0.0 <= x < 1.0,

@@ -475,6 +475,8 @@ def test_overrides_and_tenant_settings():
     ({"agent_loop": {"enabled": 1}}, "agent_loop.enabled: expected true or false"),
     ({"tenants": {"a": {"bogus": {}}}}, "tenants.a.bogus: unknown detector"),
     ({"engine": {"evict_idle_s": -1}}, "engine.evict_idle_s: must be > 0"),
+    ({"runaway_reasoning": {"young_min_calls": 0}},
+     "runaway_reasoning.young_min_calls: must be >= 1"),
     ({"failure_spike": {"min_window_s": -1}}, "failure_spike.min_window_s: must be >= 0"),
     ({"retry_storm": {"reopen_s": -5}}, "retry_storm.reopen_s: must be >= 0"),
 ])
