@@ -95,6 +95,23 @@ def test_compiled_findings_are_identical(build: Path, events: Path, tmp_path: Pa
     assert out["compiled"] == out["interpreted"]
 
 
+def test_compiled_findings_are_identical_on_extreme_events(build: Path,
+                                                           tmp_path: Path) -> None:
+    """Schema limits, clock jumps and bursts at one timestamp (see
+    tests/detectors/extreme.py) reach branches an hour of traffic does not:
+    native integer and float arithmetic must agree with Python's there too."""
+    from .extreme import extreme_events
+
+    events = tmp_path / "extreme.pkl"
+    events.write_bytes(pickle.dumps(extreme_events(4, 20_000)))
+    out = {}
+    for name, pure in (("interpreted", True), ("compiled", False)):
+        assert _run(events, tmp_path / name, pure) == name
+        out[name] = (tmp_path / name).read_bytes()
+    assert len({f["kind"] for f in json.loads(out["compiled"])}) >= 3
+    assert out["compiled"] == out["interpreted"]
+
+
 def test_snapshots_restore_across_implementations(build: Path, events: Path,
                                                    tmp_path: Path) -> None:
     """Half the hour in one implementation, snapshot, the rest in the other."""

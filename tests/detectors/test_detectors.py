@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 
 from detectors import DetectorConfig, Engine, Finding
 from detectors.scoring import format_report, score
 from ingest.event import UsageEvent
 
+from .extreme import extreme_events
 from .synth import T0, Synth, event, iso
 
 
@@ -443,6 +447,36 @@ def test_out_of_order_events_are_tolerated():
     evs = steady("o", 300)
     evs[100], evs[101] = evs[101], evs[100]
     assert kinds(run(evs)) == []
+
+
+def _replay(evs: list[UsageEvent], restart_every: int = 0) -> list[str]:
+    """Findings as JSON lines (NaN or infinity would raise); the engine
+    snapshotted and restored every ``restart_every`` events if set."""
+    eng = Engine()
+    out: list[str] = []
+    for i, ev in enumerate(evs):
+        fs = eng.observe(ev)
+        if i % 97 == 96:  # a clock tick now and then, as the pipeline sends
+            fs += eng.advance(ev.ts)
+        out += [json.dumps(f.to_json_dict(), sort_keys=True, allow_nan=False) for f in fs]
+        if restart_every and i % restart_every == restart_every - 1:
+            eng = Engine.restore(eng.snapshot())
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_extreme_but_valid_events_neither_crash_nor_poison_findings(seed):
+    """Schema limits, day-long calls, a cost of 1e9, clocks jumping back days
+    and forward weeks: the engine goes on, its findings stay finite JSON, and
+    restarts from snapshots change nothing."""
+    evs = extreme_events(seed, 6000)
+    assert len(evs) > 5000
+    found = _replay(evs)
+    assert len({json.loads(f)["kind"] for f in found}) >= 3
+    for f in map(json.loads, found):
+        for key in ("observed", "baseline", "threshold"):
+            assert f[key] is None or math.isfinite(f[key]), (key, f)
+    assert _replay(evs, restart_every=1000) == found
 
 
 def test_eviction_bounds_state():
