@@ -447,8 +447,12 @@ class Engine:
     # ------------------------------------------------------------ plumbing
     def _new_consumer(self, event: UsageEvent, ts: float) -> ConsumerState:
         cfg = self.config.settings_for(event.tenant, event.consumer)
-        cs = ConsumerState(event.consumer, event.tenant, cfg, ts,
-                           self._alpha(cfg.token_spike.halflife_min), self._hot(cfg))
+        hl = cfg.token_spike.halflife_min
+        self._alpha(hl)
+        # the cached float object itself (dict.get keeps it boxed): every
+        # consumer's river EWVar shares it (see ConsumerState)
+        cs = ConsumerState(event.consumer, event.tenant, cfg, ts, self._alphas.get(hl),
+                           self._hot(cfg))
         self._consumers[event.consumer] = cs
         return cs
 

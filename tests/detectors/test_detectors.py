@@ -487,6 +487,15 @@ def test_eviction_bounds_state():
     assert eng.tracked_consumers() == 1
 
 
+def test_consumers_share_their_river_weight():
+    """Each consumer's river EWVar keeps its weight in an instance dict: one
+    float object for all of them (24 bytes a consumer of a 2 KiB budget)."""
+    eng = Engine()
+    run([event(0, T0, "a"), event(1, T0, "b")], eng)
+    a, b = (eng._consumers[k].tok_v.fading_factor for k in ("a", "b"))
+    assert a is b and 0 < a < 1
+
+
 def test_overrides_and_tenant_settings():
     cfg = DetectorConfig.from_dict({
         "runaway_reasoning": {"max_latency_s": 900},
