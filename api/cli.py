@@ -482,7 +482,14 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from detectors.scoring import format_report, score
+    from detectors.scoring import breakdown, format_breakdown, format_report, score
+
+    by = tuple(f.strip() for f in args.by.split(",") if f.strip()) if args.by else ()
+    try:
+        breakdown({"detected": [], "missed": []}, by)  # a wrong field fails before the work
+    except ValueError as exc:
+        print(f"tokenward evaluate: --by: {exc}", file=sys.stderr)
+        return 2
 
     labels = _read_jsonl(args.labels)
     findings = _read_jsonl(args.findings)
@@ -505,10 +512,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         tb = datetime.fromisoformat(b.replace("Z", "+00:00"))
         hours += max((tb - ta).total_seconds(), 60.0) / 3600
     report = score(labels, findings, consumer_hours=hours, grace_s=args.grace)
+    if by:
+        report["breakdown"] = breakdown(report, by)
     if args.json:
         print(json.dumps(report, default=str, indent=2))
     else:
         print(format_report(report))
+        if by:
+            print()
+            print(format_breakdown(report["breakdown"], by))
     return 0
 
 
@@ -598,6 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--findings", required=True, help="findings JSONL from tokenward replay")
     ev.add_argument("--grace", type=float, default=300.0,
                     help="seconds after a label's end a detection still counts")
+    ev.add_argument("--by", default="", metavar="FIELDS",
+                    help="also recall and delay per label scenario: comma-separated of "
+                         "shape, variant, victim_size (e.g. shape,victim_size)")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
 

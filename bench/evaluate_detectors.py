@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detectors import DetectorConfig, Engine
-from detectors.scoring import combine, format_report, score
+from detectors.scoring import breakdown, combine, format_breakdown, format_report, score
 from ingest.event import Accepted, UsageEvent, validate_event
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also mark the normal traffic's own runaway calls and token surges "
                          "(the issue's definitions, see bench/natural.py) as weak labels: "
                          "findings on them are explained, not false")
+    ap.add_argument("--by", default="", metavar="FIELDS",
+                    help="also recall and delay per label scenario: comma-separated of "
+                         "shape, variant, victim_size")
     ap.add_argument("--json", help="write the report as JSON to this file")
     ap.add_argument("--detectors-file", metavar="TOML",
                     help="detector settings, as `tokenward run --detectors-file` reads them "
@@ -138,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KIND.KEY=VALUE",
                     help="override a detector setting (repeatable; wins over --detectors-file)")
     a = ap.parse_args(argv)
+    by = tuple(f.strip() for f in a.by.split(",") if f.strip())
+    try:
+        breakdown({"detected": [], "missed": []}, by)
+    except ValueError as exc:
+        ap.error(f"--by: {exc}")
     over: dict[str, dict[str, Any]] = {}
     if a.detectors_file:
         from api.service import read_toml  # the service's own reader and errors
@@ -164,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(reports) > 1:
         print(f"seeds {','.join(map(str, seeds))} together:")
     print(format_report(report))
+    if by:
+        report["breakdown"] = breakdown(report, by)
+        print()
+        print(format_breakdown(report["breakdown"], by))
     if a.details:
         for d in report["detected"]:
             print("FOUND ", json.dumps(d))

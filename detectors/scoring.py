@@ -48,6 +48,15 @@ Matching rules (documented here because the numbers depend on them):
 (1.0, 1)
 >>> print(format_report(r).splitlines()[0].split()[:3])
 ['kind', 'labels', 'weak']
+
+Labels carry their scenario (``shape``, ``variant``, ``victim_size``), and
+:func:`breakdown` splits recall and delay by them: a detector that finds
+steps at once and ramps late, or large consumers and not small ones, shows
+it there (``tokenward evaluate --by shape,victim_size``).
+
+>>> rows = breakdown(r, ("shape",))
+>>> [(x["kind"], x["shape"], x["labels"], x["recall"]) for x in rows]
+[('retry_storm', None, 1, 1.0)]
 """
 
 from __future__ import annotations
@@ -229,6 +238,57 @@ def combine(reports: list[dict[str, Any]]) -> dict[str, Any]:
             "missed": [m for r in reports for m in r["missed"]],
             "false": [f for r in reports for f in r["false"]],
             "detected": [d for r in reports for d in r["detected"]]}
+
+
+BREAKDOWN_FIELDS = ("shape", "variant", "victim_size")
+
+
+def breakdown(report: dict[str, Any], by: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Recall and detection delay per kind and per value of the label fields
+    ``by`` (of :data:`BREAKDOWN_FIELDS`), from a :func:`score` or
+    :func:`combine` report; one row per group, in kind order."""
+    bad = [f for f in by if f not in BREAKDOWN_FIELDS]
+    if bad:
+        raise ValueError(f"cannot break down by {', '.join(bad)}: "
+                         f"choose from {', '.join(BREAKDOWN_FIELDS)}")
+    groups: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for rows, hit in ((report["detected"], True), (report["missed"], False)):
+        for lab in rows:
+            key = (lab["kind"], *(lab.get(f) for f in by))
+            g = groups.setdefault(key, {"labels": 0, "detected": 0, "delays": []})
+            g["labels"] += 1
+            if hit:
+                g["detected"] += 1
+                g["delays"].append(lab["delay_s"])
+
+    def order(key: tuple[Any, ...]) -> tuple[Any, ...]:
+        k = key[0]
+        return (KINDS.index(k) if k in KINDS else 99, k, *(str(v) for v in key[1:]))
+
+    out = []
+    for key in sorted(groups, key=order):
+        g = groups[key]
+        out.append({"kind": key[0], **dict(zip(by, key[1:], strict=True)),
+                    "labels": g["labels"], "detected": g["detected"],
+                    "recall": g["detected"] / g["labels"],
+                    "delay_p50_s": _pct(g["delays"], 0.5),
+                    "delay_p90_s": _pct(g["delays"], 0.9)})
+    return out
+
+
+def format_breakdown(rows: list[dict[str, Any]], by: tuple[str, ...]) -> str:
+    """:func:`breakdown` as a fixed-width table."""
+    cols = ("kind", *by, "labels", "detected", "recall", "delay p50", "delay p90")
+    cells = [[str(r["kind"]), *(str(r[f]) for f in by), str(r["labels"]), str(r["detected"]),
+              format(r["recall"], ".2f"),
+              "-" if r["delay_p50_s"] is None else format(r["delay_p50_s"], ".1f"),
+              "-" if r["delay_p90_s"] is None else format(r["delay_p90_s"], ".1f")]
+             for r in rows]
+    w = [max(len(c), *(len(x[i]) for x in cells)) if cells else len(c)
+         for i, c in enumerate(cols)]
+    n_left = 1 + len(by)  # kind and the group values: text, left aligned
+    return "\n".join("  ".join(c.ljust(w[i]) if i < n_left else c.rjust(w[i])
+                               for i, c in enumerate(row)) for row in [list(cols), *cells])
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -104,3 +104,36 @@ def test_simulate_reference_profile_to_file(tmp_path):
     ok = [e for e in evs if e["status"] == 200]
     assert {e["input_tokens"] for e in ok} == {2048}
     assert {e["output_tokens"] for e in ok} == {256}
+
+
+def test_backtest_simulate_replay_evaluate(tmp_path):
+    """The analysts' loop (docs/detectors.md, Evaluation): labelled traffic,
+    findings on the events' own clock, and the per-kind and per-scenario
+    scores of those findings."""
+    ev, lab, fnd = (tmp_path / n for n in ("E.jsonl", "L.jsonl", "F.jsonl"))
+    tw("simulate", "--seed", "3", "--duration", "2h", "--consumers", "20", "--scenarios",
+       "retry_storm,runaway_reasoning,agent_loop", "--out", str(ev), "--labels", str(lab),
+       "--quiet")
+    labels = [json.loads(x) for x in lab.read_text().splitlines()]
+    kinds = {x["kind"] for x in labels}
+    assert kinds == {"retry_storm", "runaway_reasoning", "agent_loop"}
+    summary = json.loads(tw("replay", str(ev), "--data-dir", str(tmp_path / "d"), "--findings",
+                            str(fnd), "--quiet").stdout)
+    assert summary["findings"] == len(fnd.read_text().splitlines()) > 0
+    report = json.loads(tw("evaluate", "--events", str(ev), "--labels", str(lab), "--findings",
+                           str(fnd), "--json", "--by", "shape").stdout)
+    for k in kinds:
+        s = report["kinds"][k]
+        assert s["labels"] == sum(x["kind"] == k for x in labels)
+        assert s["recall"] >= 0.5 and s["precision"] >= 0.5, (k, s)
+        rows = [r for r in report["breakdown"] if r["kind"] == k]
+        assert {r["shape"] for r in rows} == {x["shape"] for x in labels if x["kind"] == k}
+        assert sum(r["labels"] for r in rows) == s["labels"]
+        assert sum(r["detected"] for r in rows) == s["detected"]
+    table = tw("evaluate", "--events", str(ev), "--labels", str(lab), "--findings", str(fnd),
+               "--by", "shape,victim_size").stdout
+    head = [x.split() for x in table.splitlines() if x.startswith("kind")]
+    assert head[-1][:3] == ["kind", "shape", "victim_size"]
+    bad = tw("evaluate", "--events", str(ev), "--labels", str(lab), "--findings", str(fnd),
+             "--by", "colour", check=False)
+    assert bad.returncode == 2 and "cannot break down by colour" in bad.stderr
