@@ -21,7 +21,11 @@ Matching rules (documented here because the numbers depend on them):
   grace) is *explained*: neither true nor false positive.  Those are the
   upstream's failures seen from one consumer.  Likewise a consumer-scope
   ``failure_spike`` during a ``retry_storm`` label of the same consumer (a
-  storm of failing calls is also a failure spike); a consumer-scope finding
+  storm of failing calls is also a failure spike), and the converse, a
+  consumer-scope ``retry_storm`` during a ``failure_spike`` label of the same
+  consumer (its clients retry the failing calls: the request rate jumps
+  while most calls fail, and a request retried past its client's limit is
+  sent again and again, the issue's two definitions of a storm); a consumer-scope finding
   of a *secondary* kind (failure, token and cost spikes, context bloat, cache
   opportunity) on a consumer during a label of another kind on that consumer
   (a runaway or a storm does spike its cost; prompts growing bigger do bloat
@@ -155,9 +159,10 @@ def score(labels: list[dict[str, Any]], findings: list[dict[str, Any]], *,
                 for o in outages):
             st["explained"] += 1
             continue
-        if f["kind"] == "failure_spike" and f.get("scope") != "model" and any(
+        other = {"failure_spike": "retry_storm", "retry_storm": "failure_spike"}.get(f["kind"])
+        if other is not None and f.get("scope") != "model" and any(
                 lab["_s"] <= t <= lab["_e"] + grace_s and _subject_ok(lab, f)
-                for lab in by_kind.get("retry_storm", ())):
+                for lab in by_kind.get(other, ()) if lab.get("scope") != "model"):
             st["explained"] += 1
             continue
         if f["kind"] in SECONDARY and f.get("scope") != "model" and any(

@@ -556,6 +556,13 @@ def test_scoring_weak_labels_and_side_effects():
     rep = score(labels, [f("f1", "token_spike"), f("f2", "failure_spike"),
                          f("f3", "retry_storm"), f("f4", "agent_loop")], consumer_hours=10)
     k = rep["kinds"]
+    # ... and a retry storm during a failure spike of the consumer, whose
+    # clients retry: explained; another consumer's failure spike explains nothing
+    spike = dict(lab, label_id="L3", kind="failure_spike")
+    other = dict(spike, subject="b", consumer="b")
+    for labs, want in (([spike], (1, 0)), ([other], (0, 1)), ([], (0, 1))):
+        rs = score(labs, [f("f5", "retry_storm")], consumer_hours=10)["kinds"]["retry_storm"]
+        assert (rs["explained"], rs["false_positives"]) == want, labs
     # a weak label is neither a miss nor a hit; a finding on it is explained
     assert k["token_spike"]["labels"] == 0 and k["token_spike"]["weak_labels"] == 1
     assert k["token_spike"]["explained"] == 1 and k["token_spike"]["false_positives"] == 0
