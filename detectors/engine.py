@@ -580,39 +580,39 @@ class Engine:
         ``warmup_buckets`` active 10 s buckets), then the factor that widens
         the recent-maximum rule while the history is short (2 at the end of
         the warm-up, towards 1 as the consumer ages)."""
-        tc = cs.cfg.token_spike
+        hot = cs.hot
         age = ts - cs.first_ts
         n = cs.n
-        w = tc.warmup_min * 60.0
-        if age < w or n < tc.warmup_buckets:
+        w = hot.tv_warm_s
+        if age < w or n < hot.tv_warm_b:
             return INF
-        return 1.0 + 0.5 * (w / age + tc.warmup_buckets / n)
+        return 1.0 + 0.5 * (w / age + hot.tv_warm_b / n)
 
     def _roll_volume(self, cs: ConsumerState, b: int, ts: float) -> None:
         """Close the 10 s bucket(s) of the 60 s window and set the thresholds
         of bucket ``b`` (see :mod:`detectors.volume`)."""
-        tc = cs.cfg.token_spike
-        cc = cs.cfg.cost_spike
+        # the settings from the consumer's HotSettings (the token_spike and
+        # cost_spike configs, read once): a sparse consumer closes buckets
+        # at nearly every call
+        hot = cs.hot
         vol = cs
         learn_t, learn_c = self._spike_learn(cs, ts)
-        per_bucket = 60.0 / BUCKET_S
-        vol.roll(b, learn_t, learn_c, self._alpha(tc.halflife_min * per_bucket),
-                 1.0 - self._alpha(tc.max_halflife_min * per_bucket))
-        vol.enter_hour(ts, tc.daily_decay)
+        vol.roll(b, learn_t, learn_c, hot.tv_alpha, hot.tv_decay)
+        vol.enter_hour(ts, hot.tv_daily)
         young = self._young(cs, ts)
         if young < INF:
             win = NB * vol.mean_t
-            thr_t = (max(tc.min_tokens_per_min, tc.ratio * win,
-                         young * tc.ratio_to_recent_max * max(vol.max1_t, vol.dh1))
-                     if tc.enabled else INF)
+            thr_t = (max(hot.tv_floor, hot.tv_ratio * win,
+                         young * hot.tv_rmax * max(vol.max1_t, vol.dh1))
+                     if hot.tv_on else INF)
             win = NB * vol.mean_c
-            thr_c = (max(cc.min_cost_per_min, cc.ratio * win,
-                         young * cc.ratio_to_recent_max * vol.max1_c) if cc.enabled else INF)
+            thr_c = (max(hot.cv_floor, hot.cv_ratio * win,
+                         young * hot.cv_rmax * vol.max1_c) if hot.cv_on else INF)
             # price rule: at price_jump x the usual cost per token, a smaller rise counts
-            thr_p = max(cc.min_cost_per_min, young * cc.price_jump_volume_ratio * win)
+            thr_p = max(hot.cv_floor, young * hot.cv_price_vol * win)
         else:
-            thr_t = tc.max_tokens_per_min if tc.enabled and tc.max_tokens_per_min else INF
-            thr_c = thr_p = cc.max_cost_per_min if cc.enabled and cc.max_cost_per_min else INF
+            thr_t = hot.tv_guard if hot.tv_on and hot.tv_guard else INF
+            thr_c = thr_p = hot.cv_guard if hot.cv_on and hot.cv_guard else INF
         vol.set_thresholds(thr_t, min(thr_c, thr_p), thr_c)
 
     def _check_volume(self, cs: ConsumerState, ts: float, event: UsageEvent,

@@ -25,7 +25,7 @@ from .baselines import (
 from .config import Settings
 from .record import Record
 from .reliability import FailWindow, HashWindow
-from .volume import Volume
+from .volume import BUCKET_S, Volume
 
 INF: Final = float("inf")
 
@@ -40,8 +40,11 @@ class HotSettings:
 
     __slots__ = ("al_enabled", "al_min_calls", "al_min_tokens", "attempt_alone",
                  "cb_enabled", "cb_min_calls", "cb_min_growth", "cb_min_input",
+                 "cv_floor", "cv_guard", "cv_on", "cv_price_vol", "cv_ratio", "cv_rmax",
                  "fs_keep", "fs_long_tau", "fs_min_failures", "fs_short_tau",
-                 "rr_enabled", "rr_len_min", "rr_len_out", "rr_max_think", "rr_min_tokens")
+                 "rr_enabled", "rr_len_min", "rr_len_out", "rr_max_think", "rr_min_tokens",
+                 "tv_alpha", "tv_daily", "tv_decay", "tv_floor", "tv_guard", "tv_on",
+                 "tv_ratio", "tv_rmax", "tv_warm_b", "tv_warm_s")
 
     def __init__(self, cfg: Settings) -> None:
         fc = cfg.failure_spike
@@ -65,6 +68,27 @@ class HotSettings:
         self.cb_min_growth: float = bc.min_growth
         self.cb_min_input: int = bc.min_input_tokens
         self.attempt_alone: int = cfg.retry_storm.attempt_alone
+        # the rate windows' settings read at every 10 s bucket a consumer
+        # closes (Engine._roll_volume, _young): once per call of a sparse one
+        tc = cfg.token_spike
+        per_bucket = 60.0 / BUCKET_S
+        self.tv_alpha: float = alpha_for_halflife(tc.halflife_min * per_bucket)
+        self.tv_decay: float = 1.0 - alpha_for_halflife(tc.max_halflife_min * per_bucket)
+        self.tv_daily: float = tc.daily_decay
+        self.tv_on: bool = tc.enabled
+        self.tv_floor: float = tc.min_tokens_per_min
+        self.tv_ratio: float = tc.ratio
+        self.tv_rmax: float = tc.ratio_to_recent_max
+        self.tv_guard: float = tc.max_tokens_per_min
+        self.tv_warm_s: float = tc.warmup_min * 60.0
+        self.tv_warm_b: int = tc.warmup_buckets
+        cc = cfg.cost_spike
+        self.cv_on: bool = cc.enabled
+        self.cv_floor: float = cc.min_cost_per_min
+        self.cv_ratio: float = cc.ratio
+        self.cv_rmax: float = cc.ratio_to_recent_max
+        self.cv_price_vol: float = cc.price_jump_volume_ratio
+        self.cv_guard: float = cc.max_cost_per_min
 
 
 class ConsumerState(Volume):

@@ -55,6 +55,8 @@ NM: Final = 5  # closed minutes in the 5 min window
 NF: Final = 6  # fields per bucket / minute: tokens, cost, calls, largest call tokens, largest cost,
 # second largest call tokens
 _MIN0: Final = NB * NF  # first index of the minute ring
+_RING: Final = NB * NF  # the 10 s ring's length
+_RING_ZEROS: Final = array("d", bytes(8 * NB * NF))
 # baselines, after the two rings
 _MEAN_T: Final = _MIN0 + NM * NF  # EW mean of tokens per 10 s bucket
 _MEAN_C: Final = _MEAN_T + 1  # EW mean of cost per 10 s bucket
@@ -266,21 +268,35 @@ class Volume(Record):
             g = (1.0 - alpha) ** min(k, 100_000)
             pt *= g
             pc *= g
-        for j in range(1, min(k, NB) + 1):
-            o = ((self.b + j) % NB) * NF
+        if k >= NB:
+            # the whole window leaves (a sparse consumer's usual call): the
+            # same price updates, then one copy empties the ring, and the
+            # window's sums are zero
             if learn_c:
-                pt += alpha * a[o]
-                pc += alpha * a[o + 1]
-            a[o] = a[o + 1] = a[o + 2] = a[o + 3] = a[o + 4] = a[o + 5] = 0.0
-        a[_PRICE_T], a[_PRICE_C] = pt, pc
-        self.b = b
-        wt = wc = wn = 0.0
-        for s_ in range(NB):
-            o = s_ * NF
-            wt += a[o]
-            wc += a[o + 1]
-            wn += a[o + 2]
-        self.wt, self.wc, self.wn = wt, wc, wn
+                for j in range(1, NB + 1):
+                    o = ((self.b + j) % NB) * NF
+                    pt += alpha * a[o]
+                    pc += alpha * a[o + 1]
+            a[0:_RING] = _RING_ZEROS
+            a[_PRICE_T], a[_PRICE_C] = pt, pc
+            self.b = b
+            self.wt = self.wc = self.wn = 0.0
+        else:
+            for j in range(1, k + 1):
+                o = ((self.b + j) % NB) * NF
+                if learn_c:
+                    pt += alpha * a[o]
+                    pc += alpha * a[o + 1]
+                a[o] = a[o + 1] = a[o + 2] = a[o + 3] = a[o + 4] = a[o + 5] = 0.0
+            a[_PRICE_T], a[_PRICE_C] = pt, pc
+            self.b = b
+            wt = wc = wn = 0.0
+            for s_ in range(NB):
+                o = s_ * NF
+                wt += a[o]
+                wc += a[o + 1]
+                wn += a[o + 2]
+            self.wt, self.wc, self.wn = wt, wc, wn
         g = D1 ** k
         self.w1 *= g
         self.tot1 *= g
