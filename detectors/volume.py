@@ -57,29 +57,10 @@ NF: Final = 6  # fields per bucket / minute: tokens, cost, calls, largest call t
 _MIN0: Final = NB * NF  # first index of the minute ring
 _RING: Final = NB * NF  # the 10 s ring's length
 _RING_ZEROS: Final = array("d", bytes(8 * NB * NF))
-# baselines, after the two rings
-_MEAN_T: Final = _MIN0 + NM * NF  # EW mean of tokens per 10 s bucket
-_MEAN_C: Final = _MEAN_T + 1  # EW mean of cost per 10 s bucket
-_MAX1_T: Final = _MEAN_T + 2  # decaying max of the trimmed 60 s window (normal windows only)
-_MAX1_C: Final = _MEAN_T + 3
-_MAX5_T: Final = _MEAN_T + 4  # decaying max of the trimmed 5 min window
-_MAX5_C: Final = _MEAN_T + 5
-# windows wait before they teach the maximum (so that a rise is tested
-# against windows from before it): the largest of the current and of the
-# previous minute (5 min block) are pending; a minute (block) later they count
-# pending, 60 s windows: tokens current, previous; cost current, previous
-_P1_T: Final = _MEAN_T + 6
-_P5_T: Final = _MEAN_T + 10  # same, 5 min windows
-_P_END: Final = _MEAN_T + 14
-# the baseline price (cost per token = _PRICE_C / _PRICE_T): EW means of
-# tokens and cost per bucket as _MEAN_T and _MEAN_C, learnt from each bucket
-# as it leaves the 60 s window, a minute late: a switch to a dearer model
-# that also multiplies the calls would otherwise make its price the baseline
-# within a minute, before its cost_spike is seen (the EW means are volume
-# weighted, and the switch has most of the volume)
-_PRICE_T: Final = _P_END
-_PRICE_C: Final = _P_END + 1
-VSIZE: Final = _P_END + 2  # the Volume's array
+VSIZE: Final = _MIN0 + NM * NF  # the Volume's array: the two rings
+# (the baselines are float attributes: compiled, a native class reads and
+# writes those unboxed, where every array element access costs a boxed
+# float and a generic item call; see Volume.__init__)
 # a source with at least this share of the decayed window (lower bound) dominates
 DOM_SHARE: Final = 0.3
 D1: Final = 0.5 ** (BUCKET_S / 30.0)  # 60 s tracker: weights halve in 30 s
@@ -113,13 +94,43 @@ def _lower(q: int, step: int) -> int:
 class Volume(Record):
     """Per-consumer rate windows (see the module doc)."""
 
-    __slots__ = ("a", "b", "hits5", "hr", "m", "n", "prof", "src1", "src5",
+    __slots__ = ("a", "b", "hits5", "hr", "m", "max1_c", "max1_t", "max5_c", "max5_t",
+                 "mean_c", "mean_t", "n", "p1c0", "p1c1", "p1t0", "p1t1", "p5c0", "p5c1",
+                 "p5t0", "p5t1", "price_c", "price_t", "prof", "src1", "src5",
                  "thr_c", "thr_cf", "thr_t", "tot1", "tot5", "w1", "w5", "wc", "wn", "wt")
 
     def __init__(self, ts: float, size: int = VSIZE) -> None:
         self.b = int(ts // BUCKET_S)  # current bucket
         self.m = int(ts // 60.0)  # current minute (of the 5 min ring)
-        self.a = array("d", _ZEROS) * size  # the two rings and the baselines
+        self.a = array("d", _ZEROS) * size  # the two rings
+        # baselines, learnt from normal windows only: EW mean tokens (cost)
+        # per 10 s bucket; decaying max of the trimmed 60 s (5 min) window
+        self.mean_t: float = 0.0
+        self.mean_c: float = 0.0
+        self.max1_t: float = 0.0
+        self.max1_c: float = 0.0
+        self.max5_t: float = 0.0
+        self.max5_c: float = 0.0
+        # windows wait before they teach the maximum (so that a rise is
+        # tested against windows from before it): the largest of the current
+        # (p..0) and of the previous minute (p..1; 5 min windows: block) are
+        # pending; a minute (block) later they count
+        self.p1t0: float = 0.0
+        self.p1t1: float = 0.0
+        self.p1c0: float = 0.0
+        self.p1c1: float = 0.0
+        self.p5t0: float = 0.0
+        self.p5t1: float = 0.0
+        self.p5c0: float = 0.0
+        self.p5c1: float = 0.0
+        # the baseline price (cost per token = price_c / price_t): EW means
+        # of tokens and cost per bucket as mean_t and mean_c, learnt from each
+        # bucket as it leaves the 60 s window, a minute late: a switch to a
+        # dearer model that also multiplies the calls would otherwise make its
+        # price the baseline within a minute, before its cost_spike is seen
+        # (the EW means are volume weighted, and the switch has most of the volume)
+        self.price_t: float = 0.0
+        self.price_c: float = 0.0
         # the window's running figures, touched by every event: attributes
         # (compiled, unboxed doubles; see ConsumerState): 60 s window tokens,
         # cost, independent calls; the pre-filter thresholds of the current
@@ -247,23 +258,25 @@ class Volume(Record):
         if self.hr >= 0 and v > _DEC[self.prof[hr]]:
             self.prof[hr] = _enc(v)
         if learn_t:
-            m = a[_MEAN_T]
+            m = self.mean_t
             m += alpha * (a[i] - m)
-            a[_MEAN_T] = m * f
-            _pend(a, _MAX1_T, _P1_T, self.wt - mt, self.thr_t, d, new_min)
+            self.mean_t = m * f
+            self.max1_t, self.p1t0, self.p1t1 = _pend(
+                self.max1_t, self.p1t0, self.p1t1, self.wt - mt, self.thr_t, d, new_min)
         else:
-            a[_P1_T] = a[_P1_T + 1] = 0.0
+            self.p1t0 = self.p1t1 = 0.0
         if learn_c:
-            m = a[_MEAN_C]
+            m = self.mean_c
             m += alpha * (a[i + 1] - m)
-            a[_MEAN_C] = m * f
-            _pend(a, _MAX1_C, _P1_T + 2, self.wc - mc, self.thr_cf, d, new_min)
+            self.mean_c = m * f
+            self.max1_c, self.p1c0, self.p1c1 = _pend(
+                self.max1_c, self.p1c0, self.p1c1, self.wc - mc, self.thr_cf, d, new_min)
         else:
-            a[_P1_T + 2] = a[_P1_T + 3] = 0.0
+            self.p1c0 = self.p1c1 = 0.0
         self.n += 1
         # empty the buckets that are reused, recompute the window's sums; a
-        # bucket leaving the window teaches the baseline price (see _PRICE_T)
-        pt, pc = a[_PRICE_T], a[_PRICE_C]
+        # bucket leaving the window teaches the baseline price (see price_t)
+        pt, pc = self.price_t, self.price_c
         if learn_c:
             g = (1.0 - alpha) ** min(k, 100_000)
             pt *= g
@@ -278,7 +291,7 @@ class Volume(Record):
                     pt += alpha * a[o]
                     pc += alpha * a[o + 1]
             a[0:_RING] = _RING_ZEROS
-            a[_PRICE_T], a[_PRICE_C] = pt, pc
+            self.price_t, self.price_c = pt, pc
             self.b = b
             self.wt = self.wc = self.wn = 0.0
         else:
@@ -288,7 +301,7 @@ class Volume(Record):
                     pt += alpha * a[o]
                     pc += alpha * a[o + 1]
                 a[o] = a[o + 1] = a[o + 2] = a[o + 3] = a[o + 4] = a[o + 5] = 0.0
-            a[_PRICE_T], a[_PRICE_C] = pt, pc
+            self.price_t, self.price_c = pt, pc
             self.b = b
             wt = wc = wn = 0.0
             for s_ in range(NB):
@@ -392,13 +405,15 @@ class Volume(Record):
         if self.hr >= 0 and st > _DEC[self.prof[hr]]:
             self.prof[hr] = _enc(st)
         if learn_t:
-            _pend(a, _MAX5_T, _P5_T, st, thr_t, d, new_block)
+            self.max5_t, self.p5t0, self.p5t1 = _pend(
+                self.max5_t, self.p5t0, self.p5t1, st, thr_t, d, new_block)
         else:
-            a[_P5_T] = a[_P5_T + 1] = 0.0
+            self.p5t0 = self.p5t1 = 0.0
         if learn_c:
-            _pend(a, _MAX5_C, _P5_T + 2, sc, thr_c, d, new_block)
+            self.max5_c, self.p5c0, self.p5c1 = _pend(
+                self.max5_c, self.p5c0, self.p5c1, sc, thr_c, d, new_block)
         else:
-            a[_P5_T + 2] = a[_P5_T + 3] = 0.0
+            self.p5c0 = self.p5c1 = 0.0
         for q in range(1, min(k, NM) + 1):
             o = _MIN0 + ((self.m + q) % NM) * NF
             a[o] = a[o + 1] = a[o + 2] = a[o + 3] = a[o + 4] = a[o + 5] = 0.0
@@ -408,36 +423,9 @@ class Volume(Record):
         self.tot5 *= g
 
     # ------------------------------------------------------------- figures
-    # ------------------------------------------------------------- baselines
-    @property
-    def mean_t(self) -> float:
-        """EW mean tokens per 10 s bucket."""
-        return self.a[_MEAN_T]
-
-    @property
-    def mean_c(self) -> float:
-        return self.a[_MEAN_C]
-
-    @property
-    def max1_t(self) -> float:
-        return self.a[_MAX1_T]
-
-    @property
-    def max1_c(self) -> float:
-        return self.a[_MAX1_C]
-
-    @property
-    def max5_t(self) -> float:
-        return self.a[_MAX5_T]
-
-    @property
-    def max5_c(self) -> float:
-        return self.a[_MAX5_C]
-
     def base_price(self) -> float:
         """Baseline cost per token (ratio of the EW means), 0 if unknown."""
-        a = self.a
-        return a[_PRICE_C] / a[_PRICE_T] if a[_PRICE_T] > 0 else 0.0
+        return self.price_c / self.price_t if self.price_t > 0 else 0.0
 
 
 def _largest(a: array) -> tuple[float, float]:
@@ -466,17 +454,26 @@ def _second(a: array, o0: int, k: int) -> float:
     return m2
 
 
-def _pend(a: array, mx: int, p: int, s: float, thr: float, decay: float, shift: int) -> None:
-    """Window value ``s`` (below ``thr``) becomes pending at ``a[p]``; after
+def _pend(mx: float, p0: float, p1: float, s: float, thr: float, decay: float, shift: int
+          ) -> tuple[float, float, float]:
+    """Window value ``s`` (below ``thr``) becomes pending in ``p0``; after
     ``shift`` minutes (blocks) the pending values move on, the previous one
-    teaching the maximum ``a[mx]``."""
-    if s < thr and s > a[p]:
-        a[p] = s
-    x = a[mx] * decay
+    (``p1``) teaching the maximum ``mx``.  Returns the new (mx, p0, p1).
+
+    >>> _pend(10.0, 0.0, 0.0, 50.0, 100.0, 0.5, 0)  # pending, the max decays
+    (5.0, 50.0, 0.0)
+    >>> _pend(10.0, 50.0, 0.0, 20.0, 100.0, 1.0, 1)  # a minute on: 50 waits a minute more
+    (10.0, 0.0, 50.0)
+    >>> _pend(10.0, 0.0, 50.0, 0.0, 100.0, 1.0, 1)  # and then teaches the max
+    (50.0, 0.0, 0.0)
+    """
+    if s < thr and s > p0:
+        p0 = s
+    x = mx * decay
     if shift > 0:
-        y = a[p + 1] if shift == 1 or a[p + 1] > a[p] else a[p]
+        y = p1 if shift == 1 or p1 > p0 else p0
         if y > x:
             x = y
-        a[p + 1] = a[p] if shift == 1 else 0.0
-        a[p] = 0.0
-    a[mx] = x
+        p1 = p0 if shift == 1 else 0.0
+        p0 = 0.0
+    return x, p0, p1
