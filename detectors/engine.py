@@ -57,8 +57,9 @@ from .volume import (
 # 7: so are the call-size baselines' (ModelCallBaseline); 8: runs count failed calls;
 # 9: the consumer's decayed count of all failed calls (fa); 10: the baseline
 # price has its own means, learnt a minute late; 12: the rate windows'
-# baselines are attributes, out of the Volume's array
-SNAPSHOT_VERSION: Final = 12
+# baselines are attributes, out of the Volume's array; 13: so is the current
+# 10 s bucket
+SNAPSHOT_VERSION: Final = 13
 TICK_S: Final = 15.0
 SWEEP_S: Final = 60.0
 # decayed failures of a request (tau_s) above which a new failure is a retry:

@@ -94,7 +94,8 @@ def _lower(q: int, step: int) -> int:
 class Volume(Record):
     """Per-consumer rate windows (see the module doc)."""
 
-    __slots__ = ("a", "b", "hits5", "hr", "m", "max1_c", "max1_t", "max5_c", "max5_t",
+    __slots__ = ("a", "b", "c_c", "c_m1", "c_m2", "c_mc", "c_n", "c_t", "hits5", "hr", "m",
+                 "max1_c", "max1_t", "max5_c", "max5_t",
                  "mean_c", "mean_t", "n", "p1c0", "p1c1", "p1t0", "p1t1", "p5c0", "p5c1",
                  "p5t0", "p5t1", "price_c", "price_t", "prof", "src1", "src5",
                  "thr_c", "thr_cf", "thr_t", "tot1", "tot5", "w1", "w5", "wc", "wn", "wt")
@@ -103,6 +104,16 @@ class Volume(Record):
         self.b = int(ts // BUCKET_S)  # current bucket
         self.m = int(ts // 60.0)  # current minute (of the 5 min ring)
         self.a = array("d", _ZEROS) * size  # the two rings
+        # the current 10 s bucket, which every event touches, as attributes
+        # (its ring slot is written when the bucket closes or is read whole:
+        # _flush): tokens, cost, independent calls, the largest call's tokens
+        # and cost, the second largest call's tokens
+        self.c_t: float = 0.0
+        self.c_c: float = 0.0
+        self.c_n: float = 0.0
+        self.c_m1: float = 0.0
+        self.c_mc: float = 0.0
+        self.c_m2: float = 0.0
         # baselines, learnt from normal windows only: EW mean tokens (cost)
         # per 10 s bucket; decaying max of the trimmed 60 s (5 min) window
         self.mean_t: float = 0.0
@@ -167,28 +178,27 @@ class Volume(Record):
     # ------------------------------------------------------------ per event
     def add(self, tokens: int, cost: float, src: object, slot: int, indep: bool = True
             ) -> bool:
-        """Count one call in the current bucket (``slot`` = bucket % NB);
+        """Count one call in the current bucket (``slot`` = bucket % NB, the
+        one the attributes c_* hold);
         ``indep``: an independent request (not a later call of a run), the
         only ones ``min_calls`` counts.  True when a 60 s window reaches its
         pre-filter threshold."""
-        a = self.a
-        i = slot * NF
-        a[i] += tokens
+        self.c_t += tokens
         if indep:
-            a[i + 2] += 1.0
+            self.c_n += 1.0
             self.wn += 1.0
-        if tokens > a[i + 5]:  # the two largest calls
-            if tokens > a[i + 3]:
-                a[i + 5] = a[i + 3]
-                a[i + 3] = tokens
+        if tokens > self.c_m2:  # the two largest calls
+            if tokens > self.c_m1:
+                self.c_m2 = self.c_m1
+                self.c_m1 = float(tokens)
             else:
-                a[i + 5] = tokens
+                self.c_m2 = float(tokens)
         wt = self.wt + tokens
         self.wt = wt
         if cost:  # adding 0.0 changes nothing
-            a[i + 1] += cost
-            if cost > a[i + 4]:
-                a[i + 4] = cost
+            self.c_c += cost
+            if cost > self.c_mc:
+                self.c_mc = cost
             wc = self.wc + cost
             self.wc = wc
         else:
@@ -216,6 +226,18 @@ class Volume(Record):
         self.tot5 += x
         return wt >= self.thr_t or wc >= self.thr_c
 
+    def _flush(self) -> None:
+        """Write the current bucket's figures into its ring slot (before the
+        ring is read whole; idempotent: the attributes stay the truth)."""
+        a = self.a
+        i = (self.b % NB) * NF
+        a[i] = self.c_t
+        a[i + 1] = self.c_c
+        a[i + 2] = self.c_n
+        a[i + 3] = self.c_m1
+        a[i + 4] = self.c_mc
+        a[i + 5] = self.c_m2
+
     def dominated1(self) -> bool:
         return self.w1 >= DOM_SHARE * self.tot1
 
@@ -224,6 +246,7 @@ class Volume(Record):
 
     def second1(self) -> float:
         """The second largest call's tokens in the 60 s window."""
+        self._flush()
         return _second(self.a, 0, NB)
 
     def second5(self) -> float:
@@ -233,6 +256,7 @@ class Volume(Record):
     def largest1(self, slot: int) -> tuple[float, float]:
         """The largest call (tokens, cost) in the 60 s window (``slot``: the
         current bucket's; every bucket of the ring is in the window)."""
+        self._flush()
         return _largest(self.a)
 
     # -------------------------------------------------------------- buckets
@@ -244,6 +268,7 @@ class Volume(Record):
         k = b - self.b
         if k <= 0:
             return
+        self._flush()
         slot = self.b % NB
         i = slot * NF
         mt, mc = _largest(a)
@@ -310,6 +335,9 @@ class Volume(Record):
                 wc += a[o + 1]
                 wn += a[o + 2]
             self.wt, self.wc, self.wn = wt, wc, wn
+        # the new current bucket: emptied above (its slot is one of the k
+        # after the old one, or the ring was emptied whole)
+        self.c_t = self.c_c = self.c_n = self.c_m1 = self.c_mc = self.c_m2 = 0.0
         g = D1 ** k
         self.w1 *= g
         self.tot1 *= g
@@ -352,6 +380,7 @@ class Volume(Record):
         Called before the 10 s ring moves on, so its buckets of the closing
         minute (slots 0 .. current, minutes are 6 aligned buckets) give the
         minute's largest call and independent calls."""
+        self._flush()
         a = self.a
         j = _MIN0 + (self.m % NM) * NF
         a[j], a[j + 1] = tokens, cost
