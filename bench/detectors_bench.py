@@ -2,6 +2,12 @@
 
     python bench/detectors_bench.py [--hours 1] [--consumers 300] [--runs 5] [--big 100000]
     python bench/detectors_bench.py --compare [--runs 5]
+    python bench/detectors_bench.py --compare --traffic holdout --seed 16 --hours 6
+
+``--traffic holdout`` times the held-out generator's traffic
+(``tests/detectors/holdout.py``: replayed real clients, sparser than the
+simulator's, so more of its calls close a rate-window bucket) instead of
+the simulator's.
 
 Every figure names the implementation that ran: ``compiled`` (the mypyc
 build of ``tools/build_compiled.py``) or ``interpreted`` (the sources;
@@ -46,11 +52,11 @@ def rss() -> int:
         return int(f.read().split()[1]) * 4096
 
 
-def per_event(hours: float, consumers: int, runs: int, freeze: bool = False
-              ) -> tuple[float, int]:
+def per_event(hours: float, consumers: int, runs: int, freeze: bool = False,
+              traffic: str = "sim", seed: int = 1) -> tuple[float, int]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from evaluate_detectors import load
-    evs, _, _ = load("sim", 1, hours, consumers, cache=True)
+    evs, _, _ = load(traffic, seed, hours, consumers, cache=True)
     times = []
     for _ in range(runs):
         eng = Engine()
@@ -104,7 +110,7 @@ def per_consumer(n: int) -> tuple[float, float, float]:
     return (r1 - r0) / n, (m1 - m0) / n, snap / n
 
 
-def compare(hours: float, consumers: int, runs: int) -> int:
+def compare(hours: float, consumers: int, runs: int, traffic: str = "sim", seed: int = 1) -> int:
     """us/event of both implementations, each in a fresh process."""
     res = {}
     for name in ("interpreted", "compiled"):
@@ -112,7 +118,8 @@ def compare(hours: float, consumers: int, runs: int) -> int:
         if name == "interpreted":
             env["TOKENWARD_PURE_PYTHON"] = "1"
         r = subprocess.run([sys.executable, __file__, "--timing-only", "--hours", str(hours),
-                            "--consumers", str(consumers), "--runs", str(runs)],
+                            "--consumers", str(consumers), "--runs", str(runs),
+                            "--traffic", traffic, "--seed", str(seed)],
                            env=env, capture_output=True, text=True, check=True)
         line = r.stdout.strip().splitlines()[-1]
         print(line)
@@ -131,6 +138,10 @@ def main() -> int:
     ap.add_argument("--hours", type=float, default=1.0)
     ap.add_argument("--consumers", type=int, default=300)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--traffic", choices=("sim", "holdout"), default="sim",
+                    help="whose traffic to time: the simulator's (default) or the held-out "
+                         "generator's (cached in /tmp like bench/evaluate_detectors.py)")
+    ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--big", type=int, default=100_000)
     ap.add_argument("--gc-freeze", action="store_true",
                     help="also time with the loaded events frozen out of the cyclic GC")
@@ -140,20 +151,22 @@ def main() -> int:
     ap.add_argument("--timing-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.compare:
-        return compare(a.hours, a.consumers, a.runs)
+        return compare(a.hours, a.consumers, a.runs, a.traffic, a.seed)
     if a.memory_only:
         r, t, s = per_consumer(a.big)
         print(f"state at {a.big} consumers ({detectors.IMPLEMENTATION}): {r:.0f} bytes/consumer "
               f"(RSS growth, fresh process), {t:.0f} (tracemalloc, Python objects only), "
               f"{s:.0f} (snapshot)")
         return 0
-    us, n = per_event(a.hours, a.consumers, a.runs)
+    us, n = per_event(a.hours, a.consumers, a.runs, traffic=a.traffic, seed=a.seed)
+    what = "simulated" if a.traffic == "sim" else f"held-out (seed {a.seed})"
     print(f"detectors ({detectors.IMPLEMENTATION}): {us:.2f} us/event (median of {a.runs} runs "
-          f"over {n} simulated events, {a.consumers} consumers, {a.hours} h)")
+          f"over {n} {what} events, {a.consumers} consumers, {a.hours} h)")
     if a.timing_only:
         return 0
     if a.gc_freeze:
-        us, n = per_event(a.hours, a.consumers, a.runs, freeze=True)
+        us, n = per_event(a.hours, a.consumers, a.runs, freeze=True, traffic=a.traffic,
+                          seed=a.seed)
         print(f"detectors ({detectors.IMPLEMENTATION}): {us:.2f} us/event with the loaded "
               "events frozen out of the GC (gc.freeze)")
     # in a fresh process: after the timing runs, memory the allocator already
