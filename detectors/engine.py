@@ -360,7 +360,7 @@ class Engine:
         if ts // BUCKET_S > cs.b:
             self._roll_volume(cs, int(ts // BUCKET_S), ts)
         # calls of one run (trace, else session) count as one independent request
-        if cs.add(tokens, cost, src, cs.b % NB, indep):
+        if cs.add(tokens, cost, src, indep):
             self._check_volume(cs, ts, event, out)
         return out
 
@@ -624,7 +624,7 @@ class Engine:
         vol = cs
         if vol.dominated1():
             return  # one run, session or request: agent_loop / context_bloat / repeats
-        mt, mc = vol.largest1(vol.b % NB)
+        mt, mc = vol.largest1()
         st, sc, n = vol.wt - mt, vol.wc - mc, vol.wn
         tc, cc = cs.cfg.token_spike, cs.cfg.cost_spike
         bp = vol.base_price()

@@ -72,6 +72,9 @@ from .finding import KINDS
 
 # kinds that other anomalies cause as a side effect (see the module doc)
 SECONDARY = ("failure_spike", "token_spike", "cost_spike", "context_bloat", "cache_opportunity")
+# a consumer-scope finding of the key during a label of the value on the same
+# consumer is explained: each of the two behaviours is also the other
+_SIDE_EFFECT_OF = {"failure_spike": "retry_storm", "retry_storm": "failure_spike"}
 
 
 def _ts(v: Any) -> float:
@@ -159,7 +162,7 @@ def score(labels: list[dict[str, Any]], findings: list[dict[str, Any]], *,
                 for o in outages):
             st["explained"] += 1
             continue
-        other = {"failure_spike": "retry_storm", "retry_storm": "failure_spike"}.get(f["kind"])
+        other = _SIDE_EFFECT_OF.get(f["kind"])
         if other is not None and f.get("scope") != "model" and any(
                 lab["_s"] <= t <= lab["_e"] + grace_s and _subject_ok(lab, f)
                 for lab in by_kind.get(other, ()) if lab.get("scope") != "model"):

@@ -35,7 +35,7 @@ baseline (more cost than the token volume explains).  A window can be
 both: ten times the calls on a dearer model is a token and a cost spike.
 
 >>> v = Volume(0)
->>> v.add(100, 0.001, "a", 0), v.wt, v.wn
+>>> v.add(100, 0.001, "a"), v.wt, v.wn
 (False, 100.0, 1.0)
 >>> v.dominated1()
 True
@@ -176,10 +176,8 @@ class Volume(Record):
         self.hr = -1
 
     # ------------------------------------------------------------ per event
-    def add(self, tokens: int, cost: float, src: object, slot: int, indep: bool = True
-            ) -> bool:
-        """Count one call in the current bucket (``slot`` = bucket % NB, the
-        one the attributes c_* hold);
+    def add(self, tokens: int, cost: float, src: object, indep: bool = True) -> bool:
+        """Count one call in the current bucket (the attributes c_*);
         ``indep``: an independent request (not a later call of a run), the
         only ones ``min_calls`` counts.  True when a 60 s window reaches its
         pre-filter threshold."""
@@ -253,9 +251,9 @@ class Volume(Record):
         """The second largest call's tokens in the 5 min window."""
         return _second(self.a, _MIN0, NM)
 
-    def largest1(self, slot: int) -> tuple[float, float]:
-        """The largest call (tokens, cost) in the 60 s window (``slot``: the
-        current bucket's; every bucket of the ring is in the window)."""
+    def largest1(self) -> tuple[float, float]:
+        """The largest call (tokens, cost) in the 60 s window (every bucket
+        of the ring is in the window)."""
         self._flush()
         return _largest(self.a)
 
@@ -306,27 +304,22 @@ class Volume(Record):
             g = (1.0 - alpha) ** min(k, 100_000)
             pt *= g
             pc *= g
+        if learn_c:
+            for j in range(1, min(k, NB) + 1):
+                o = ((self.b + j) % NB) * NF
+                pt += alpha * a[o]
+                pc += alpha * a[o + 1]
+        self.price_t, self.price_c = pt, pc
         if k >= NB:
-            # the whole window leaves (a sparse consumer's usual call): the
-            # same price updates, then one copy empties the ring, and the
-            # window's sums are zero
-            if learn_c:
-                for j in range(1, NB + 1):
-                    o = ((self.b + j) % NB) * NF
-                    pt += alpha * a[o]
-                    pc += alpha * a[o + 1]
+            # the whole window leaves (a sparse consumer's usual call): one
+            # copy empties the ring, and the window's sums are zero
             a[0:_RING] = _RING_ZEROS
-            self.price_t, self.price_c = pt, pc
             self.b = b
             self.wt = self.wc = self.wn = 0.0
         else:
             for j in range(1, k + 1):
                 o = ((self.b + j) % NB) * NF
-                if learn_c:
-                    pt += alpha * a[o]
-                    pc += alpha * a[o + 1]
                 a[o] = a[o + 1] = a[o + 2] = a[o + 3] = a[o + 4] = a[o + 5] = 0.0
-            self.price_t, self.price_c = pt, pc
             self.b = b
             wt = wc = wn = 0.0
             for s_ in range(NB):

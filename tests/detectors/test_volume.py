@@ -34,14 +34,14 @@ def bursty(consumer: str, minutes: int, seed: int = 1, rate: float = 6.0, size: 
 def test_window_trims_the_largest_call_and_tracks_sources():
     v = Volume(0.0)
     for k in range(4):
-        v.add(1000, 0.0, f"s{k}", 0)
-    v.add(1_000_000, 0.0, "giant", 0)
-    mt, _ = v.largest1(0)
+        v.add(1000, 0.0, f"s{k}")
+    v.add(1_000_000, 0.0, "giant")
+    mt, _ = v.largest1()
     assert v.wt - mt == 4000 and v.wn == 5
     assert v.dominated1()  # the giant call is most of the window
     w = Volume(0.0)
     for k in range(20):
-        w.add(1000, 0.0, f"s{k}", 0)
+        w.add(1000, 0.0, f"s{k}")
     assert not w.dominated1()
 
 
