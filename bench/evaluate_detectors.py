@@ -70,6 +70,20 @@ def generate(traffic: str, seed: int, hours: float, consumers: int,
     return s.events(), s.labels
 
 
+def _intern_fields(evs: list[UsageEvent]) -> None:
+    """Give unpickled events the interned field names that validation gives
+    every ingested event.  pickle does not intern: the names it restores are
+    strings of their own, and each of the detectors' field reads would then
+    compare characters instead of identities, timing them slower than they
+    run on ingested events (4 % more instructions per event, callgrind)."""
+    names = {k: sys.intern(k) for k in UsageEvent.model_fields}
+    for e in evs:
+        d = e.__dict__
+        items = list(d.items())
+        d.clear()
+        d.update((names.get(k, k), v) for k, v in items)
+
+
 def load(traffic: str, seed: int, hours: float, consumers: int, cache: bool,
          episodes: int | None = None
          ) -> tuple[list[UsageEvent], list[dict[str, Any]], float]:
@@ -78,6 +92,7 @@ def load(traffic: str, seed: int, hours: float, consumers: int, cache: bool,
     path = Path(f"/tmp/tokenward-eval-{traffic}-{seed}-{hours}-{consumers}{ep}.pkl")
     if cache and path.exists():
         res: Any = pickle.loads(path.read_bytes())
+        _intern_fields(res[0])
         return res
     t0 = time.perf_counter()
     raw, labels = generate(traffic, seed, hours, consumers, episodes)
