@@ -58,8 +58,9 @@ from .volume import (
 # 9: the consumer's decayed count of all failed calls (fa); 10: the baseline
 # price has its own means, learnt a minute late; 12: the rate windows'
 # baselines are attributes, out of the Volume's array; 13: so is the current
-# 10 s bucket
-SNAPSHOT_VERSION: Final = 13
+# 10 s bucket; 14: both rings are attributes (shift registers by age), no array;
+# the repeat and run tables keyed by (consumer, hash / run) tuples
+SNAPSHOT_VERSION: Final = 14
 TICK_S: Final = 15.0
 SWEEP_S: Final = 60.0
 # decayed failures of a request (tau_s) above which a new failure is a retry:
@@ -146,8 +147,10 @@ class Engine:
         self._now = -INF
         self._consumers: dict[str, ConsumerState] = {}
         self._models: dict[str, ModelState] = {}
-        self._runs: dict[str, RunState] = {}
-        self._repeats: dict[str, RepeatState] = {}
+        self._runs: dict[tuple[str, str], RunState] = {}  # (consumer, trace or session)
+        # keyed by (consumer, request_hash): a tuple hashes the two strings'
+        # cached hashes, where a joined key is a new string to copy and hash
+        self._repeats: dict[tuple[str, str], RepeatState] = {}
         # request hashes seen once lately, by whom, and did that call fail
         # (retry_storm): see _seen_get
         self._seen_cur: dict[str, Any] = {}
@@ -204,7 +207,9 @@ class Engine:
         cost: float = ev["cost"] or 0.0
 
         # -- per-minute totals (token_spike, cost_spike, rate rules)
-        if ts // 60 > cs.m:  # the consumer's current minute
+        # the consumer's current minute (a bound, not ts // 60 > cs.m: the same
+        # test, exactly, without a float floor division on every event)
+        if ts >= (cs.m + 1) * 60.0:
             self._close_minutes(cs, int(ts // 60), ts, out)
         cs.m_tok += tokens
         if cost:  # adding 0.0 changes nothing
@@ -224,7 +229,7 @@ class Engine:
                 self._seen_prev = self._seen_cur
                 self._seen_cur = {}
                 self._seen_rotate = ts + self.config.engine.repeat_horizon_s / 2.0
-            k = cs.key + "\x1f" + rh
+            k = (cs.key, rh)
             rs: RepeatState | None = self._repeats.get(k)
             if rs is None:
                 seen = self._seen_cur
@@ -357,7 +362,7 @@ class Engine:
             cs.sz_mn += 1.0
 
         # -- token / cost rate on the sliding 60 s window (token_spike, cost_spike)
-        if ts // BUCKET_S > cs.b:
+        if ts >= (cs.b + 1) * BUCKET_S:  # as for the minute above
             self._roll_volume(cs, int(ts // BUCKET_S), ts)
         # calls of one run (trace, else session) count as one independent request
         if cs.add(tokens, cost, src, indep):
@@ -1136,7 +1141,7 @@ class Engine:
                    quiet_s=fc.model_quiet_s)
 
     # ------------------------------------------------------------ repeats
-    def _repeat(self, cs: ConsumerState, event: UsageEvent, rh: str, k: str,
+    def _repeat(self, cs: ConsumerState, event: UsageEvent, rh: str, k: tuple[str, str],
                 rs: RepeatState | None, ts: float, failed: bool, out: list[Finding],
                 first: float | None = -1.0) -> bool:
         """Track a request_hash seen before (``k``: its key, ``rs``: its
@@ -1491,7 +1496,9 @@ class Engine:
         ``min_calls`` consecutive calls whose input grows each time, by
         ``min_growth`` x overall, to at least ``min_input_tokens``.
         """
-        key = cs.key + "\x1f" + (tid if tid is not None else sid)  # type: ignore[operator]
+        run_id = tid if tid is not None else sid
+        assert run_id is not None  # observe calls this for a trace or a session
+        key = (cs.key, run_id)
         runs = self._runs
         r = runs.get(key)
         if r is None:
@@ -1548,7 +1555,7 @@ class Engine:
                            quiet_s=ac.quiet_s)
         # context bloat, on the session
         if sid is not None and tid is not None and sid != tid:
-            skey = cs.key + "\x1f" + sid
+            skey = (cs.key, sid)
             s = runs.get(skey)
             if s is None:
                 s = runs[skey] = RunState(cs.key, cs.tenant, ts, event.model)

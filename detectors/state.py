@@ -94,7 +94,7 @@ class HotSettings:
 class ConsumerState(Volume):
     """One tracked consumer.  It *is* its :class:`~detectors.volume.Volume`
     (the 60 s / 5 min rate windows of token_spike and cost_spike), so that a
-    consumer costs one object plus its ring array and a few small records."""
+    consumer costs one object plus a few small records."""
 
     __slots__ = (
         "calls",

@@ -11,6 +11,8 @@ one big call.  Per consumer, :class:`Volume` keeps
 * a **5 min window** (five closed minutes, same fields), tested when a
   minute closes, for slower ramps and small consumers (two consecutive
   windows must agree);
+* both rings as float attributes by age, moved on like shift registers
+  (see ``Volume.__init__``);
 * for each window size, baselines learnt only from normal windows (not
   while an episode of the kind is open): an EW mean per bucket (empty buckets
   count as zeros, so silences and bursts are part of normal) and a slowly
@@ -44,7 +46,6 @@ True
 from __future__ import annotations
 
 import math
-from array import array
 from typing import Final
 
 from .record import Record
@@ -52,21 +53,11 @@ from .record import Record
 BUCKET_S: Final = 10.0
 NB: Final = 6  # 10 s buckets in the 60 s window
 NM: Final = 5  # closed minutes in the 5 min window
-NF: Final = 6  # fields per bucket / minute: tokens, cost, calls, largest call tokens, largest cost,
-# second largest call tokens
-_MIN0: Final = NB * NF  # first index of the minute ring
-_RING: Final = NB * NF  # the 10 s ring's length
-_RING_ZEROS: Final = array("d", bytes(8 * NB * NF))
-VSIZE: Final = _MIN0 + NM * NF  # the Volume's array: the two rings
-# (the baselines are float attributes: compiled, a native class reads and
-# writes those unboxed, where every array element access costs a boxed
-# float and a generic item call; see Volume.__init__)
 # a source with at least this share of the decayed window (lower bound) dominates
 DOM_SHARE: Final = 0.3
 D1: Final = 0.5 ** (BUCKET_S / 30.0)  # 60 s tracker: weights halve in 30 s
 D5: Final = 0.5 ** (60.0 / 150.0)  # 5 min tracker: weights halve in 150 s (decayed per minute)
 INF: Final = float("inf")
-_ZEROS: Final = (0.0,)
 # the time-of-day profile (see Volume.prof): one byte per hour and window
 # size, the value x coded as ceil(8 log2 x) (steps of 9 %, rounded up, so a
 # decoded high is never below the window that taught it)
@@ -94,26 +85,45 @@ def _lower(q: int, step: int) -> int:
 class Volume(Record):
     """Per-consumer rate windows (see the module doc)."""
 
-    __slots__ = ("a", "b", "c_c", "c_m1", "c_m2", "c_mc", "c_n", "c_t", "hits5", "hr", "m",
-                 "max1_c", "max1_t", "max5_c", "max5_t",
-                 "mean_c", "mean_t", "n", "p1c0", "p1c1", "p1t0", "p1t1", "p5c0", "p5c1",
-                 "p5t0", "p5t1", "price_c", "price_t", "prof", "src1", "src5",
-                 "thr_c", "thr_cf", "thr_t", "tot1", "tot5", "w1", "w5", "wc", "wn", "wt")
+    __slots__ = ("b", "c0", "c1", "c2", "c3", "c4", "c5", "hits5", "hr", "m",
+                 "max1_c", "max1_t", "max5_c", "max5_t", "mc0", "mc1", "mc2", "mc3", "mc4",
+                 "mean_c", "mean_t", "mn0", "mn1", "mn2", "mn3", "mn4",
+                 "mt0", "mt1", "mt2", "mt3", "mt4", "mx0", "mx1", "mx2", "mx3", "mx4",
+                 "my0", "my1", "my2", "my3", "my4", "mz0", "mz1", "mz2", "mz3", "mz4",
+                 "n", "n0", "n1", "n2", "n3", "n4", "n5", "p1c0", "p1c1", "p1t0", "p1t1",
+                 "p5c0", "p5c1", "p5t0", "p5t1", "price_c", "price_t", "prof", "src1", "src5",
+                 "t0", "t1", "t2", "t3", "t4", "t5", "thr_c", "thr_cf", "thr_t", "tot1", "tot5",
+                 "w1", "w5", "wc", "wn", "wt", "x0", "x1", "x2", "x3", "x4", "x5",
+                 "y0", "y1", "y2", "y3", "y4", "y5", "z0", "z1", "z2", "z3", "z4", "z5")
 
-    def __init__(self, ts: float, size: int = VSIZE) -> None:
+    def __init__(self, ts: float) -> None:
         self.b = int(ts // BUCKET_S)  # current bucket
         self.m = int(ts // 60.0)  # current minute (of the 5 min ring)
-        self.a = array("d", _ZEROS) * size  # the two rings
-        # the current 10 s bucket, which every event touches, as attributes
-        # (its ring slot is written when the bucket closes or is read whole:
-        # _flush): tokens, cost, independent calls, the largest call's tokens
-        # and cost, the second largest call's tokens
-        self.c_t: float = 0.0
-        self.c_c: float = 0.0
-        self.c_n: float = 0.0
-        self.c_m1: float = 0.0
-        self.c_mc: float = 0.0
-        self.c_m2: float = 0.0
+        # The two rings are shift registers of float attributes, by age (0:
+        # the current bucket or closing minute): compiled, a native class
+        # reads and writes those unboxed, where an array element costs a
+        # boxed float and a generic item call (about 200 instructions), and a
+        # bucket's roll, which a sparse consumer makes at nearly every call,
+        # read and wrote dozens of them.  Moving a ring on by one copies its
+        # figures one age up; no slot arithmetic, and no array object.
+        #
+        # 10 s buckets of the 60 s window: tokens (t), cost (c), independent
+        # calls (n), the largest call's tokens (x) and cost (y), the second
+        # largest call's tokens (z)
+        self.t0 = self.t1 = self.t2 = self.t3 = self.t4 = self.t5 = 0.0
+        self.c0 = self.c1 = self.c2 = self.c3 = self.c4 = self.c5 = 0.0
+        self.n0 = self.n1 = self.n2 = self.n3 = self.n4 = self.n5 = 0.0
+        self.x0 = self.x1 = self.x2 = self.x3 = self.x4 = self.x5 = 0.0
+        self.y0 = self.y1 = self.y2 = self.y3 = self.y4 = self.y5 = 0.0
+        self.z0 = self.z1 = self.z2 = self.z3 = self.z4 = self.z5 = 0.0
+        # closed minutes of the 5 min window, the same figures (m*: age 0 is
+        # the minute being closed, written by window5)
+        self.mt0 = self.mt1 = self.mt2 = self.mt3 = self.mt4 = 0.0
+        self.mc0 = self.mc1 = self.mc2 = self.mc3 = self.mc4 = 0.0
+        self.mn0 = self.mn1 = self.mn2 = self.mn3 = self.mn4 = 0.0
+        self.mx0 = self.mx1 = self.mx2 = self.mx3 = self.mx4 = 0.0
+        self.my0 = self.my1 = self.my2 = self.my3 = self.my4 = 0.0
+        self.mz0 = self.mz1 = self.mz2 = self.mz3 = self.mz4 = 0.0
         # baselines, learnt from normal windows only: EW mean tokens (cost)
         # per 10 s bucket; decaying max of the trimmed 60 s (5 min) window
         self.mean_t: float = 0.0
@@ -142,11 +152,10 @@ class Volume(Record):
         # (the EW means are volume weighted, and the switch has most of the volume)
         self.price_t: float = 0.0
         self.price_c: float = 0.0
-        # the window's running figures, touched by every event: attributes
-        # (compiled, unboxed doubles; see ConsumerState): 60 s window tokens,
-        # cost, independent calls; the pre-filter thresholds of the current
-        # bucket (tokens, cost, cost volume); the heavy-hitter weights and
-        # decayed totals (60 s, 5 min)
+        # the window's running figures, touched by every event: 60 s window
+        # tokens, cost, independent calls; the pre-filter thresholds of the
+        # current bucket (tokens, cost, cost volume); the heavy-hitter weights
+        # and decayed totals (60 s, 5 min)
         self.wt: float = 0.0
         self.wc: float = 0.0
         self.wn: float = 0.0
@@ -177,26 +186,25 @@ class Volume(Record):
 
     # ------------------------------------------------------------ per event
     def add(self, tokens: int, cost: float, src: object, indep: bool = True) -> bool:
-        """Count one call in the current bucket (the attributes c_*);
-        ``indep``: an independent request (not a later call of a run), the
-        only ones ``min_calls`` counts.  True when a 60 s window reaches its
-        pre-filter threshold."""
-        self.c_t += tokens
+        """Count one call in the current bucket; ``indep``: an independent
+        request (not a later call of a run), the only ones ``min_calls``
+        counts.  True when a 60 s window reaches its pre-filter threshold."""
+        self.t0 += tokens
         if indep:
-            self.c_n += 1.0
+            self.n0 += 1.0
             self.wn += 1.0
-        if tokens > self.c_m2:  # the two largest calls
-            if tokens > self.c_m1:
-                self.c_m2 = self.c_m1
-                self.c_m1 = float(tokens)
+        if tokens > self.z0:  # the two largest calls
+            if tokens > self.x0:
+                self.z0 = self.x0
+                self.x0 = float(tokens)
             else:
-                self.c_m2 = float(tokens)
+                self.z0 = float(tokens)
         wt = self.wt + tokens
         self.wt = wt
         if cost:  # adding 0.0 changes nothing
-            self.c_c += cost
-            if cost > self.c_mc:
-                self.c_mc = cost
+            self.c0 += cost
+            if cost > self.y0:
+                self.y0 = cost
             wc = self.wc + cost
             self.wc = wc
         else:
@@ -224,18 +232,6 @@ class Volume(Record):
         self.tot5 += x
         return wt >= self.thr_t or wc >= self.thr_c
 
-    def _flush(self) -> None:
-        """Write the current bucket's figures into its ring slot (before the
-        ring is read whole; idempotent: the attributes stay the truth)."""
-        a = self.a
-        i = (self.b % NB) * NF
-        a[i] = self.c_t
-        a[i + 1] = self.c_c
-        a[i + 2] = self.c_n
-        a[i + 3] = self.c_m1
-        a[i + 4] = self.c_mc
-        a[i + 5] = self.c_m2
-
     def dominated1(self) -> bool:
         return self.w1 >= DOM_SHARE * self.tot1
 
@@ -244,32 +240,61 @@ class Volume(Record):
 
     def second1(self) -> float:
         """The second largest call's tokens in the 60 s window."""
-        self._flush()
-        return _second(self.a, 0, NB)
+        m1, m2 = _top2(self.x0, self.z0, self.x1, self.z1)
+        m1, m2 = _top2(m1, m2, self.x2, self.z2)
+        m1, m2 = _top2(m1, m2, self.x3, self.z3)
+        m1, m2 = _top2(m1, m2, self.x4, self.z4)
+        return _top2(m1, m2, self.x5, self.z5)[1]
 
     def second5(self) -> float:
         """The second largest call's tokens in the 5 min window."""
-        return _second(self.a, _MIN0, NM)
+        m1, m2 = _top2(self.mx0, self.mz0, self.mx1, self.mz1)
+        m1, m2 = _top2(m1, m2, self.mx2, self.mz2)
+        m1, m2 = _top2(m1, m2, self.mx3, self.mz3)
+        return _top2(m1, m2, self.mx4, self.mz4)[1]
 
     def largest1(self) -> tuple[float, float]:
-        """The largest call (tokens, cost) in the 60 s window (every bucket
-        of the ring is in the window)."""
-        self._flush()
-        return _largest(self.a)
+        """The largest call (tokens, cost) in the 60 s window."""
+        mt = _max3(self.x0, self.x1, self.x2)
+        mt = _max3(mt, self.x3, self.x4)
+        mc = _max3(self.y0, self.y1, self.y2)
+        mc = _max3(mc, self.y3, self.y4)
+        return (mt if mt > self.x5 else self.x5), (mc if mc > self.y5 else self.y5)
 
     # -------------------------------------------------------------- buckets
+    def _shift1(self) -> None:
+        """The 10 s ring one bucket on: every bucket one age older, the
+        oldest gone, the new current bucket empty."""
+        self.t5, self.t4, self.t3, self.t2, self.t1, self.t0 = (
+            self.t4, self.t3, self.t2, self.t1, self.t0, 0.0)
+        self.c5, self.c4, self.c3, self.c2, self.c1, self.c0 = (
+            self.c4, self.c3, self.c2, self.c1, self.c0, 0.0)
+        self.n5, self.n4, self.n3, self.n2, self.n1, self.n0 = (
+            self.n4, self.n3, self.n2, self.n1, self.n0, 0.0)
+        self.x5, self.x4, self.x3, self.x2, self.x1, self.x0 = (
+            self.x4, self.x3, self.x2, self.x1, self.x0, 0.0)
+        self.y5, self.y4, self.y3, self.y2, self.y1, self.y0 = (
+            self.y4, self.y3, self.y2, self.y1, self.y0, 0.0)
+        self.z5, self.z4, self.z3, self.z2, self.z1, self.z0 = (
+            self.z4, self.z3, self.z2, self.z1, self.z0, 0.0)
+
+    def _clear1(self) -> None:
+        """Empty the 10 s ring (the whole window has left)."""
+        self.t0 = self.t1 = self.t2 = self.t3 = self.t4 = self.t5 = 0.0
+        self.c0 = self.c1 = self.c2 = self.c3 = self.c4 = self.c5 = 0.0
+        self.n0 = self.n1 = self.n2 = self.n3 = self.n4 = self.n5 = 0.0
+        self.x0 = self.x1 = self.x2 = self.x3 = self.x4 = self.x5 = 0.0
+        self.y0 = self.y1 = self.y2 = self.y3 = self.y4 = self.y5 = 0.0
+        self.z0 = self.z1 = self.z2 = self.z3 = self.z4 = self.z5 = 0.0
+
     def roll(self, b: int, learn_t: bool, learn_c: bool, alpha: float, max_decay: float
              ) -> None:
         """Move to bucket ``b``: the closing window teaches the baselines
         (``learn_*``: no open episode of the kind), old buckets leave."""
-        a = self.a
         k = b - self.b
         if k <= 0:
             return
-        self._flush()
-        slot = self.b % NB
-        i = slot * NF
-        mt, mc = _largest(a)
+        mt, mc = self.largest1()
         f = (1.0 - alpha) ** min(k - 1, 100_000)
         d = max_decay ** min(k, 100_000)
         # the recent maximum learns only from windows below the threshold, a
@@ -282,7 +307,7 @@ class Volume(Record):
             self.prof[hr] = _enc(v)
         if learn_t:
             m = self.mean_t
-            m += alpha * (a[i] - m)
+            m += alpha * (self.t0 - m)
             self.mean_t = m * f
             self.max1_t, self.p1t0, self.p1t1 = _pend(
                 self.max1_t, self.p1t0, self.p1t1, self.wt - mt, self.thr_t, d, new_min)
@@ -290,50 +315,56 @@ class Volume(Record):
             self.p1t0 = self.p1t1 = 0.0
         if learn_c:
             m = self.mean_c
-            m += alpha * (a[i + 1] - m)
+            m += alpha * (self.c0 - m)
             self.mean_c = m * f
             self.max1_c, self.p1c0, self.p1c1 = _pend(
                 self.max1_c, self.p1c0, self.p1c1, self.wc - mc, self.thr_cf, d, new_min)
         else:
             self.p1c0 = self.p1c1 = 0.0
         self.n += 1
-        # empty the buckets that are reused, recompute the window's sums; a
-        # bucket leaving the window teaches the baseline price (see price_t)
-        pt, pc = self.price_t, self.price_c
-        if learn_c:
-            g = (1.0 - alpha) ** min(k, 100_000)
-            pt *= g
-            pc *= g
-        if learn_c:
-            for j in range(1, min(k, NB) + 1):
-                o = ((self.b + j) % NB) * NF
-                pt += alpha * a[o]
-                pc += alpha * a[o + 1]
-        self.price_t, self.price_c = pt, pc
+        # the buckets leave the window, oldest first; a bucket leaving it
+        # teaches the baseline price (see price_t)
         if k >= NB:
-            # the whole window leaves (a sparse consumer's usual call): one
-            # copy empties the ring, and the window's sums are zero
-            a[0:_RING] = _RING_ZEROS
-            self.b = b
+            # the whole window leaves (a sparse consumer's usual call)
+            if learn_c:
+                g = (1.0 - alpha) ** min(k, 100_000)
+                pt = self.price_t * g
+                pt += alpha * self.t5
+                pt += alpha * self.t4
+                pt += alpha * self.t3
+                pt += alpha * self.t2
+                pt += alpha * self.t1
+                self.price_t = pt + alpha * self.t0
+                pc = self.price_c * g
+                pc += alpha * self.c5
+                pc += alpha * self.c4
+                pc += alpha * self.c3
+                pc += alpha * self.c2
+                pc += alpha * self.c1
+                self.price_c = pc + alpha * self.c0
+            self._clear1()
             self.wt = self.wc = self.wn = 0.0
         else:
-            for j in range(1, k + 1):
-                o = ((self.b + j) % NB) * NF
-                a[o] = a[o + 1] = a[o + 2] = a[o + 3] = a[o + 4] = a[o + 5] = 0.0
-            self.b = b
-            wt = wc = wn = 0.0
-            for s_ in range(NB):
-                o = s_ * NF
-                wt += a[o]
-                wc += a[o + 1]
-                wn += a[o + 2]
-            self.wt, self.wc, self.wn = wt, wc, wn
-        # the new current bucket: emptied above (its slot is one of the k
-        # after the old one, or the ring was emptied whole)
-        self.c_t = self.c_c = self.c_n = self.c_m1 = self.c_mc = self.c_m2 = 0.0
+            if learn_c:
+                g = (1.0 - alpha) ** k
+                pt = self.price_t * g
+                pc = self.price_c * g
+                for _ in range(k):
+                    pt += alpha * self.t5
+                    pc += alpha * self.c5
+                    self._shift1()
+                self.price_t, self.price_c = pt, pc
+            else:
+                for _ in range(k):
+                    self._shift1()
+            self.wt = self.t0 + self.t1 + self.t2 + self.t3 + self.t4 + self.t5
+            self.wc = self.c0 + self.c1 + self.c2 + self.c3 + self.c4 + self.c5
+            self.wn = self.n0 + self.n1 + self.n2 + self.n3 + self.n4 + self.n5
+        self.b = b
         g = D1 ** k
         self.w1 *= g
         self.tot1 *= g
+
 
     def enter_hour(self, ts: float, decay: float) -> None:
         """Keep the time-of-day profile on the hour of ``ts``: when a new
@@ -371,31 +402,39 @@ class Volume(Record):
         """Store the closing minute's totals; return the trimmed 5 min window:
         tokens and cost without the largest call, and the independent calls.
         Called before the 10 s ring moves on, so its buckets of the closing
-        minute (slots 0 .. current, minutes are 6 aligned buckets) give the
+        minute (ages 0 .. b % NB: minutes are 6 aligned buckets) give the
         minute's largest call and independent calls."""
-        self._flush()
-        a = self.a
-        j = _MIN0 + (self.m % NM) * NF
-        a[j], a[j + 1] = tokens, cost
+        self.mt0, self.mc0 = tokens, cost
         n = mt = mc = m2 = 0.0
         if self.b // NB == self.m:
-            for s_ in range(self.b % NB + 1):
-                o = s_ * NF
-                n += a[o + 2]
-                mt, m2 = _top2(mt, m2, a[o + 3], a[o + 5])
-                if a[o + 4] > mc:
-                    mc = a[o + 4]
-        a[j + 2], a[j + 3], a[j + 4], a[j + 5] = n, mt, mc, m2
-        wt = wc = wn = mt = mc = 0.0
-        for s_ in range(NM):
-            o = _MIN0 + s_ * NF
-            wt += a[o]
-            wc += a[o + 1]
-            wn += a[o + 2]
-            if a[o + 3] > mt:
-                mt = a[o + 3]
-            if a[o + 4] > mc:
-                mc = a[o + 4]
+            r = self.b % NB
+            n, mt, mc, m2 = self.n0, self.x0, self.y0, self.z0
+            if r >= 1:
+                n += self.n1
+                mt, m2 = _top2(mt, m2, self.x1, self.z1)
+                mc = mc if mc > self.y1 else self.y1
+                if r >= 2:
+                    n += self.n2
+                    mt, m2 = _top2(mt, m2, self.x2, self.z2)
+                    mc = mc if mc > self.y2 else self.y2
+                    if r >= 3:
+                        n += self.n3
+                        mt, m2 = _top2(mt, m2, self.x3, self.z3)
+                        mc = mc if mc > self.y3 else self.y3
+                        if r >= 4:
+                            n += self.n4
+                            mt, m2 = _top2(mt, m2, self.x4, self.z4)
+                            mc = mc if mc > self.y4 else self.y4
+                            if r >= 5:
+                                n += self.n5
+                                mt, m2 = _top2(mt, m2, self.x5, self.z5)
+                                mc = mc if mc > self.y5 else self.y5
+        self.mn0, self.mx0, self.my0, self.mz0 = n, mt, mc, m2
+        wt = self.mt0 + self.mt1 + self.mt2 + self.mt3 + self.mt4
+        wc = self.mc0 + self.mc1 + self.mc2 + self.mc3 + self.mc4
+        wn = self.mn0 + self.mn1 + self.mn2 + self.mn3 + self.mn4
+        mt = _max3(_max3(self.mx0, self.mx1, self.mx2), self.mx3, self.mx4)
+        mc = _max3(_max3(self.my0, self.my1, self.my2), self.my3, self.my4)
         return wt - mt, wc - mc, wn
 
     def pair(self) -> tuple[float, float, float, float]:
@@ -404,20 +443,31 @@ class Volume(Record):
         without the minute's largest call), the fewer of their independent
         calls, and each minute's second largest call (its largest left in).
         Called, as window5, before the minute ring moves on."""
-        a = self.a
-        j1 = _MIN0 + (self.m % NM) * NF
-        j0 = _MIN0 + ((self.m - 1) % NM) * NF
-        t1 = a[j1] - a[j1 + 3]
-        t0 = a[j0] - a[j0 + 3]
-        n = a[j1 + 2] if a[j1 + 2] < a[j0 + 2] else a[j0 + 2]
-        return (t1 if t1 < t0 else t0), n, a[j0 + 5], a[j1 + 5]
+        t1 = self.mt0 - self.mx0
+        t0 = self.mt1 - self.mx1
+        n = self.mn0 if self.mn0 < self.mn1 else self.mn1
+        return (t1 if t1 < t0 else t0), n, self.mz1, self.mz0
+
+    def _shift5(self) -> None:
+        """The minute ring one minute on (the oldest gone, the new one empty)."""
+        self.mt4, self.mt3, self.mt2, self.mt1, self.mt0 = (
+            self.mt3, self.mt2, self.mt1, self.mt0, 0.0)
+        self.mc4, self.mc3, self.mc2, self.mc1, self.mc0 = (
+            self.mc3, self.mc2, self.mc1, self.mc0, 0.0)
+        self.mn4, self.mn3, self.mn2, self.mn1, self.mn0 = (
+            self.mn3, self.mn2, self.mn1, self.mn0, 0.0)
+        self.mx4, self.mx3, self.mx2, self.mx1, self.mx0 = (
+            self.mx3, self.mx2, self.mx1, self.mx0, 0.0)
+        self.my4, self.my3, self.my2, self.my1, self.my0 = (
+            self.my3, self.my2, self.my1, self.my0, 0.0)
+        self.mz4, self.mz3, self.mz2, self.mz1, self.mz0 = (
+            self.mz3, self.mz2, self.mz1, self.mz0, 0.0)
 
     def advance5(self, m: int, st: float, sc: float, learn_t: bool, learn_c: bool,
                  max_decay_min: float, thr_t: float = INF, thr_c: float = INF) -> None:
         """Learn from the closed 5 min window (trimmed totals ``st``, ``sc``;
         the maximum only from windows below their threshold) and move the
         minute ring to minute ``m``."""
-        a = self.a
         k = m - self.m
         if k <= 0:
             return
@@ -436,9 +486,8 @@ class Volume(Record):
                 self.max5_c, self.p5c0, self.p5c1, sc, thr_c, d, new_block)
         else:
             self.p5c0 = self.p5c1 = 0.0
-        for q in range(1, min(k, NM) + 1):
-            o = _MIN0 + ((self.m + q) % NM) * NF
-            a[o] = a[o + 1] = a[o + 2] = a[o + 3] = a[o + 4] = a[o + 5] = 0.0
+        for _ in range(min(k, NM)):
+            self._shift5()
         self.m = m
         g = D5 ** min(k, 100)
         self.w5 *= g
@@ -450,15 +499,10 @@ class Volume(Record):
         return self.price_c / self.price_t if self.price_t > 0 else 0.0
 
 
-def _largest(a: array) -> tuple[float, float]:
-    """The largest call (tokens, cost) in the 10 s bucket ring."""
-    mt = mc = 0.0
-    for o in range(3, NB * NF, NF):
-        if a[o] > mt:
-            mt = a[o]
-        if a[o + 1] > mc:
-            mc = a[o + 1]
-    return mt, mc
+def _max3(a: float, b: float, c: float) -> float:
+    if b > a:
+        a = b
+    return c if c > a else a
 
 
 def _top2(m1: float, m2: float, x1: float, x2: float) -> tuple[float, float]:
@@ -466,14 +510,6 @@ def _top2(m1: float, m2: float, x1: float, x2: float) -> tuple[float, float]:
     if x1 > m1:
         return x1, (m1 if m1 > x2 else x2)
     return m1, (x1 if x1 > m2 else m2)
-
-
-def _second(a: array, o0: int, k: int) -> float:
-    """The second largest call of ``k`` buckets (minutes) from ``a[o0]``."""
-    m1 = m2 = 0.0
-    for o in range(o0, o0 + k * NF, NF):
-        m1, m2 = _top2(m1, m2, a[o + 3], a[o + 5])
-    return m2
 
 
 def _pend(mx: float, p0: float, p1: float, s: float, thr: float, decay: float, shift: int
