@@ -916,14 +916,14 @@ class Engine:
         and minutes while the consumer's failure spike or retry storm is
         open, do not teach the calls-per-minute baseline.
         """
-        cfg = cs.cfg
-        fc = cfg.failure_spike
-        rc = cfg.retry_storm
+        # the settings from the consumer's HotSettings (read at every failed
+        # call); the config dataclasses only to open a window or fire
+        hot = cs.hot
         cls = failure_class(event.status, event.error)
-        if not repeat_fail and fc.enabled:
+        if not repeat_fail and hot.fs_enabled:
             w = cs.fwin
             if w is None:
-                w = cs.fwin = FailWindow(max(2, fc.window_failures))
+                w = cs.fwin = FailWindow(max(2, cs.cfg.failure_spike.window_failures))
             # an upstream failure on a model that fails for its other consumers
             # too is the upstream's, not evidence against this consumer
             if cls == CLIENT or not (
@@ -938,7 +938,7 @@ class Engine:
                 idx = cs.calls
                 lat = event.latency_ms
                 if lat is not None and lat > 5000.0:
-                    idx -= int(cs.nl * min(lat / 1000.0, fc.max_window_s) / fc.long_tau_s)
+                    idx -= int(cs.nl * min(lat / 1000.0, hot.fs_max_window) / hot.fs_long_tau)
                     if w.size:
                         prev = w.get(0)[1]
                         if idx < prev:
@@ -958,12 +958,12 @@ class Engine:
                         best, model, ms = float(fw), name, m2
         outage = self._is_open("failure_spike", "model", model, "*", ts)
         # rate rule
-        rate_now = cs.ns * 60.0 / fc.short_tau_s
+        rate_now = cs.ns * 60.0 / hot.fs_short_tau
         cpm_mean = cs.cpm_mean
         cpm_sd = ew_sd(cs.cpm_var)
-        warm_rate = cs.tok_n >= rc.warmup_min
-        rate_thr = max(rc.rate_min_calls, cpm_mean + rc.rate_z * cpm_sd)
-        fail_thr = max(rc.rate_min_fail_share * rc.rate_min_calls, rc.rate_ratio * cpm_mean)
+        warm_rate = cs.tok_n >= hot.rs_warmup
+        rate_thr = max(hot.rs_min_calls, cpm_mean + hot.rs_z * cpm_sd)
+        fail_thr = max(hot.rs_share * hot.rs_min_calls, hot.rs_ratio * cpm_mean)
         # most calls failing: failed distinct requests per call, or, when the
         # failed distinct requests alone are above the consumer's normal high
         # of calls per minute (rate_thr; a bursty consumer's batch minutes
@@ -971,17 +971,17 @@ class Engine:
         # many requests each retried a normal two or three times
         distinct_share = cs.fs / cs.ns
         all_share = cs.fa / cs.ns
-        fail_rate = cs.fs * 60.0 / fc.short_tau_s
+        fail_rate = cs.fs * 60.0 / hot.fs_short_tau
         w = cs.fwin
         jump = rate_now >= rate_thr and fail_rate >= fail_thr and (
-            distinct_share >= rc.rate_min_fail_share or (
-                fail_rate >= rate_thr and all_share >= rc.rate_min_fail_share))
-        fail_share = distinct_share if distinct_share >= rc.rate_min_fail_share else all_share
-        if not jump and w is not None and rc.enabled and warm_rate:
+            distinct_share >= hot.rs_share or (
+                fail_rate >= rate_thr and all_share >= hot.rs_share))
+        fail_share = distinct_share if distinct_share >= hot.rs_share else all_share
+        if not jump and w is not None and hot.rs_enabled and warm_rate:
             # the exact window: calls and failures since the oldest failure of the
             # last minute (the decayed rate lags a sudden jump by tens of seconds)
             fw, nw, dw = w.recent(cs.calls, ts, 60.0)
-            if nw >= rc.rate_min_calls and fw >= rc.rate_min_fail_share * nw:
+            if nw >= hot.rs_min_calls and fw >= hot.rs_share * nw:
                 r = 60.0 * nw / max(dw, 20.0)
                 if r >= rate_thr and 60.0 * fw / max(dw, 20.0) >= fail_thr:
                     jump, rate_now, fail_share = True, r, fw / nw
@@ -989,7 +989,8 @@ class Engine:
         # auth or bad-request errors is the consumer's failure spike
         if jump and w is not None and w.size and w.client_share(min(w.size, 10) - 1) >= 0.5:
             jump = False
-        if rc.enabled and warm_rate and jump and not outage:
+        if hot.rs_enabled and warm_rate and jump and not outage:
+            rsc = cs.cfg.retry_storm
             self._fire(out, kind="retry_storm", scope="consumer", subject=cs.key,
                        tenant=cs.tenant, consumer=cs.key, model=model, ts=ts, first_ts=ts - 30,
                        observed=rate_now, baseline=cpm_mean, threshold=rate_thr,
@@ -999,36 +1000,36 @@ class Engine:
                        evidence={"rule": "rate_jump", "event_id": event.event_id,
                                  "error": event.error, "status": event.status,
                                  "fail_share": round(fail_share, 3)},
-                       quiet_s=rc.quiet_s, reopen_s=rc.reopen_s,
-                       reopen_ratio=rc.reopen_ratio)
+                       quiet_s=rsc.quiet_s, reopen_s=rsc.reopen_s,
+                       reopen_ratio=rsc.reopen_ratio)
             return
-        if w is None or not fc.enabled or cs.calls < fc.warmup_calls:
+        if w is None or not hot.fs_enabled or cs.calls < hot.fs_warmup:
             return
-        p0 = self._p0(cs.f_base, cs.n_base, fc.prior_rate, fc.prior_calls)
-        p_hi = min(0.5, p0 + fc.baseline_z * math.sqrt(p0 * (1.0 - p0) / (
-            cs.n_base + fc.prior_calls)))
-        floor = max(fc.min_rate, fc.min_ratio * p0)
-        k = math.ceil(fc.min_failures)
-        hit = w.scan(cs.calls, ts, p_hi, k, floor, fc.max_window_s, fc.log10_alpha,
-                     min_window_s=fc.min_window_s)
+        p0 = self._p0(cs.f_base, cs.n_base, hot.fs_prior_rate, hot.fs_prior_calls)
+        p_hi = min(0.5, p0 + hot.fs_base_z * math.sqrt(p0 * (1.0 - p0) / (
+            cs.n_base + hot.fs_prior_calls)))
+        floor = max(hot.fs_min_rate, hot.fs_min_ratio * p0)
+        k = math.ceil(hot.fs_min_failures)
+        hit = w.scan(cs.calls, ts, p_hi, k, floor, hot.fs_max_window, hot.fs_alpha,
+                     min_window_s=hot.fs_min_window)
         if cls == CLIENT and not repeat_fail:
             # client errors (auth, bad requests) against their own, much lower,
             # baseline: a few 401s stand out even when 5xx/429 are common.  A
             # client error teaches that baseline unless it is part of a cluster
             # (any window at p <= 1e-3)
-            keep = math.log1p(-1.0 / fc.baseline_halflife_calls)
-            pc = (w.client_base(cs.calls, keep) + fc.client_prior_rate * fc.prior_calls) / (
-                cs.n_base + fc.prior_calls)
-            pc_hi = min(0.5, pc + fc.baseline_z * math.sqrt(pc * (1.0 - pc) / (
-                cs.n_base + fc.prior_calls)))
-            fl_c = max(fc.min_rate, fc.min_ratio * pc)
+            keep = hot.fs_log_keep
+            pc = (w.client_base(cs.calls, keep) + hot.fs_client_prior * hot.fs_prior_calls) / (
+                cs.n_base + hot.fs_prior_calls)
+            pc_hi = min(0.5, pc + hot.fs_base_z * math.sqrt(pc * (1.0 - pc) / (
+                cs.n_base + hot.fs_prior_calls)))
+            fl_c = max(hot.fs_min_rate, hot.fs_min_ratio * pc)
             if hit is None:
-                hit = w.scan(cs.calls, ts, pc_hi, k, fl_c, fc.max_window_s, fc.log10_alpha,
-                             only=CLIENT, min_window_s=fc.min_window_s)
+                hit = w.scan(cs.calls, ts, pc_hi, k, fl_c, hot.fs_max_window, hot.fs_alpha,
+                             only=CLIENT, min_window_s=hot.fs_min_window)
                 if hit is not None:
                     p0, floor = pc, fl_c
             if hit is None and not self._failure_open(cs) and w.scan(
-                    cs.calls, ts, pc_hi, 2, 0.0, fc.max_window_s, -3.0, only=CLIENT) is None:
+                    cs.calls, ts, pc_hi, 2, 0.0, hot.fs_max_window, -3.0, only=CLIENT) is None:
                 w.teach_client(cs.calls, keep)
         if hit is None:
             return
@@ -1038,9 +1039,10 @@ class Engine:
             return  # looks like the upstream: the model scope decides
         if self._book.keep_alive("retry_storm", "consumer", cs.key, cs.tenant, ts):
             return  # the failures of an ongoing retry storm
-        if (rate_now >= rate_thr and distinct_share >= rc.rate_min_fail_share and warm_rate
-                and rc.enabled and w.client_share(min(w.size, 10) - 1) < 0.5):
+        if (rate_now >= rate_thr and distinct_share >= hot.rs_share and warm_rate
+                and hot.rs_enabled and w.client_share(min(w.size, 10) - 1) < 0.5):
             return  # calls jumping, most failing: the retry_storm rate rule decides
+        fsc = cs.cfg.failure_spike
         self._fire(out, kind="failure_spike", scope="consumer", subject=cs.key, tenant=cs.tenant,
                    consumer=cs.key, model=model, ts=ts, first_ts=t_start, observed=f / n,
                    baseline=p0, threshold=floor, severity="warning", action="alert",
@@ -1052,7 +1054,7 @@ class Engine:
                              "error": event.error, "failures": f, "calls": n,
                              "window_s": round(ts - t_start, 1), "log10_p": round(lp, 1),
                              "error_class": "upstream" if upstream else "client"},
-                   quiet_s=fc.quiet_s, reopen_s=fc.reopen_s, reopen_ratio=fc.reopen_ratio)
+                   quiet_s=fsc.quiet_s, reopen_s=fsc.reopen_s, reopen_ratio=fsc.reopen_ratio)
 
     def _model_failing_elsewhere(self, ms: ModelState, consumer: str) -> bool:
         """Do other consumers of this model fail too (an upstream problem)?"""

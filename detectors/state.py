@@ -38,13 +38,59 @@ class HotSettings:
     from the settings, never pickled (see :meth:`ConsumerState.__getstate__`).
     """
 
-    __slots__ = ("al_enabled", "al_min_calls", "al_min_tokens", "attempt_alone",
-                 "cb_enabled", "cb_min_calls", "cb_min_growth", "cb_min_input",
-                 "cv_floor", "cv_guard", "cv_on", "cv_price_vol", "cv_ratio", "cv_rmax",
-                 "fs_keep", "fs_long_tau", "fs_min_failures", "fs_short_tau",
-                 "rr_enabled", "rr_len_min", "rr_len_out", "rr_max_think", "rr_min_tokens",
-                 "tv_alpha", "tv_daily", "tv_decay", "tv_floor", "tv_guard", "tv_on",
-                 "tv_ratio", "tv_rmax", "tv_warm_b", "tv_warm_s")
+    __slots__ = (
+        "al_enabled",
+        "al_min_calls",
+        "al_min_tokens",
+        "attempt_alone",
+        "cb_enabled",
+        "cb_min_calls",
+        "cb_min_growth",
+        "cb_min_input",
+        "cv_floor",
+        "cv_guard",
+        "cv_on",
+        "cv_price_vol",
+        "cv_ratio",
+        "cv_rmax",
+        "fs_alpha",
+        "fs_base_z",
+        "fs_client_prior",
+        "fs_enabled",
+        "fs_keep",
+        "fs_log_keep",
+        "fs_long_tau",
+        "fs_max_window",
+        "fs_min_failures",
+        "fs_min_rate",
+        "fs_min_ratio",
+        "fs_min_window",
+        "fs_prior_calls",
+        "fs_prior_rate",
+        "fs_short_tau",
+        "fs_warmup",
+        "rr_enabled",
+        "rr_len_min",
+        "rr_len_out",
+        "rr_max_think",
+        "rr_min_tokens",
+        "rs_enabled",
+        "rs_min_calls",
+        "rs_ratio",
+        "rs_share",
+        "rs_warmup",
+        "rs_z",
+        "tv_alpha",
+        "tv_daily",
+        "tv_decay",
+        "tv_floor",
+        "tv_guard",
+        "tv_on",
+        "tv_ratio",
+        "tv_rmax",
+        "tv_warm_b",
+        "tv_warm_s",
+    )
 
     def __init__(self, cfg: Settings) -> None:
         fc = cfg.failure_spike
@@ -52,6 +98,26 @@ class HotSettings:
         self.fs_long_tau: float = fc.long_tau_s
         self.fs_min_failures: float = fc.min_failures
         self.fs_keep: float = 1.0 - 1.0 / fc.baseline_halflife_calls
+        # read at every failed call (Engine._rule_failures)
+        self.fs_enabled: bool = fc.enabled
+        self.fs_warmup: int = fc.warmup_calls
+        self.fs_prior_rate: float = fc.prior_rate
+        self.fs_prior_calls: float = fc.prior_calls
+        self.fs_client_prior: float = fc.client_prior_rate
+        self.fs_base_z: float = fc.baseline_z
+        self.fs_min_rate: float = fc.min_rate
+        self.fs_min_ratio: float = fc.min_ratio
+        self.fs_max_window: float = fc.max_window_s
+        self.fs_min_window: float = fc.min_window_s
+        self.fs_alpha: float = fc.log10_alpha
+        self.fs_log_keep: float = math.log1p(-1.0 / fc.baseline_halflife_calls)
+        sc = cfg.retry_storm
+        self.rs_enabled: bool = sc.enabled
+        self.rs_warmup: int = sc.warmup_min
+        self.rs_min_calls: int = sc.rate_min_calls
+        self.rs_z: float = sc.rate_z
+        self.rs_share: float = sc.rate_min_fail_share
+        self.rs_ratio: float = sc.rate_ratio
         rc = cfg.runaway_reasoning
         self.rr_enabled: bool = rc.enabled
         self.rr_min_tokens: int = rc.min_tokens
