@@ -142,19 +142,25 @@ class FailWindow(Record):
         lim = int((now - max_window_s) * 1000.0)
         short = int((now - min_window_s) * 1000.0)
         ts, idx, cl = self.ts, self.idx, self.cls
+        # newest first: slot(j) for j = 0, 1, ... without the method call,
+        # and each ring element read once (compiled, an array read is a
+        # generic item call that boxes the value: most of a failed call's cost)
+        k = len(idx)
+        s = self.head
         f = 0  # failures newer than the anchor
-        for j in range(self.size):
-            s = self.slot(j)
-            if ts[s] < lim:
+        for _ in range(self.size):
+            s = s - 1 if s > 0 else k - 1
+            t = ts[s]
+            if t < lim:
                 break
             if only and cl[s] != only:
                 continue
-            if f >= min_failures and (ts[s] <= short or f >= 2 * min_failures):
+            if f >= min_failures and (t <= short or f >= 2 * min_failures):
                 n = calls - idx[s]
                 if f >= min_rate * n:
                     lp = log10_binom_tail(f, n, p)
                     if lp <= log10_alpha:
-                        return f, n, lp, ts[s] / 1000.0
+                        return f, n, lp, t / 1000.0
             f += 1
         return None
 
