@@ -118,6 +118,7 @@ class HotSettings:
         self.rs_z: float = sc.rate_z
         self.rs_share: float = sc.rate_min_fail_share
         self.rs_ratio: float = sc.rate_ratio
+        self.attempt_alone: int = sc.attempt_alone
         rc = cfg.runaway_reasoning
         self.rr_enabled: bool = rc.enabled
         self.rr_min_tokens: int = rc.min_tokens
@@ -133,7 +134,6 @@ class HotSettings:
         self.cb_min_calls: int = bc.min_calls
         self.cb_min_growth: float = bc.min_growth
         self.cb_min_input: int = bc.min_input_tokens
-        self.attempt_alone: int = cfg.retry_storm.attempt_alone
         # the rate windows' settings read at every 10 s bucket a consumer
         # closes (Engine._roll_volume, _young): once per call of a sparse one
         tc = cfg.token_spike
