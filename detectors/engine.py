@@ -986,8 +986,11 @@ class Engine:
                 if r >= rate_thr and 60.0 * fw / max(dw, 20.0) >= fail_thr:
                     jump, rate_now, fail_share = True, r, fw / nw
         # retried errors are the retryable ones (429, 5xx, timeouts); a burst of
-        # auth or bad-request errors is the consumer's failure spike
-        if jump and w is not None and w.size and w.client_share(min(w.size, 10) - 1) >= 0.5:
+        # auth or bad-request errors is the consumer's failure spike.  Judged
+        # on the last minute's failures (the jump's own): the ring also keeps
+        # failures of hours ago, and a consumer's usual background errors are
+        # upstream ones, which made a burst of 4xx look retryable
+        if jump and w is not None and w.size and w.recent_client_share(ts, 60.0) >= 0.5:
             jump = False
         if hot.rs_enabled and warm_rate and jump and not outage:
             rsc = cs.cfg.retry_storm
@@ -1040,7 +1043,7 @@ class Engine:
         if self._book.keep_alive("retry_storm", "consumer", cs.key, cs.tenant, ts):
             return  # the failures of an ongoing retry storm
         if (rate_now >= rate_thr and distinct_share >= hot.rs_share and warm_rate
-                and hot.rs_enabled and w.client_share(min(w.size, 10) - 1) < 0.5):
+                and hot.rs_enabled and w.recent_client_share(ts, 60.0) < 0.5):
             return  # calls jumping, most failing: the retry_storm rate rule decides
         fsc = cs.cfg.failure_spike
         self._fire(out, kind="failure_spike", scope="consumer", subject=cs.key, tenant=cs.tenant,

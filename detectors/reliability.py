@@ -186,6 +186,31 @@ class FailWindow(Record):
                 c += 1
         return c / (j + 1)
 
+    def recent_client_share(self, now: float, horizon_s: float, most: int = 10) -> float:
+        """Share of CLIENT-class failures among the latest ``most`` records of
+        the last ``horizon_s`` (0.0 if there are none): the errors of a jump
+        in calls, not older failures that happen to be kept with them.
+
+        >>> w = FailWindow(16)
+        >>> for t in (0.0, 10.0, 20.0):
+        ...     w.add(t, int(t), UPSTREAM)
+        >>> for t in (500.0, 505.0, 510.0):
+        ...     w.add(t, int(t), CLIENT)
+        >>> w.add(512.0, 512, UPSTREAM)
+        >>> w.recent_client_share(515.0, 60.0), w.client_share(6)
+        (0.75, 0.42857142857142855)
+        """
+        lim = int((now - horizon_s) * 1000.0)
+        c = n = 0
+        for i in range(min(self.size, most)):
+            s = self.slot(i)
+            if self.ts[s] < lim:
+                break
+            n += 1
+            if self.cls[s] == CLIENT:
+                c += 1
+        return c / n if n else 0.0
+
 
 class HashWindow(Record):
     """The last ``k`` attempts of one request_hash: time in ms, negative for a
