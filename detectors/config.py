@@ -54,7 +54,18 @@ class RunawayConfig:
     # minutes after a start has seen few of the model's consumers, and a
     # heavy consumer's ordinary first calls would stand out against it
     standin_warmup_min: float = 30.0
-    z: float = 5.0  # log-space z-score above the (consumer, model) mean
+    # log-space z-score above the (consumer, model) mean.  Real reasoning
+    # lengths have a tail heavier than log-normal: on held-out traffic built
+    # from the public deepseek-r1 traces (18,000 consumer-hours), 5 sd
+    # reported 14 more unlabelled calls than 6 sd (thinking, or a plain
+    # model's output, 15-70x the consumer's typical, or slow calls of
+    # ordinary thinking), and 6 sd kept
+    # every labelled runaway of the three generators (docs/detectors.md)
+    z: float = 6.0
+    # calls past learn_z sd but under z are kept out of the baselines without
+    # a finding, so the baselines learn as they did when 5 sd reported them
+    # (a learn_z at or above z: every call not reported teaches them)
+    learn_z: float = 5.0
     ratio_to_recent_max: float = 1.5  # and this many times the slowly decaying max
     ratio_to_mean: float = 6.0  # and this many times the geometric mean
     # ... or, instead of the z-score, this many times the recent max: thinking
@@ -477,7 +488,7 @@ def _validate(obj: Any, where: str) -> None:
         rule = _RULES.get(f.name)
         if rule is None:
             if f.name.endswith(("_s", "_min", "ratio", "tau_s")) or f.name in (
-                    "z", "rate_z", "prior_calls", "baseline_halflife_calls"):
+                    "z", "learn_z", "rate_z", "prior_calls", "baseline_halflife_calls"):
                 rule = _POS if not f.name.startswith("max_") else _NONNEG
             elif isinstance(v, int | float):
                 rule = _NONNEG

@@ -33,7 +33,7 @@ from typing import Any, Final
 from ingest.event import UsageEvent
 
 from .baselines import LN10, LogBaseline, alpha_for_halflife, binom_surprise, ew_sd
-from .config import DetectorConfig, Settings
+from .config import DetectorConfig, RunawayConfig, Settings
 from .episodes import EpisodeBook
 from .finding import Finding
 from .reliability import CLIENT, FailWindow, HashWindow, failure_class
@@ -1343,78 +1343,26 @@ class Engine:
 
         ``repeat_count`` runaway calls within ``repeat_window_s`` escalate the
         consumer's episode to critical / block (an attack on a reasoning model).
-        Runaway calls never teach the baselines.
+        Runaway calls never teach the baselines, nor do calls that pass the
+        relative rules at ``learn_z`` sd instead of ``z`` (they are not
+        reported either).
 
         ``observe`` has found the call's baseline ``b``, its thinking and
         duration, and handles calls no rule can catch (they only learn).
         """
         rcfg = cs.cfg.runaway_reasoning
+        rule, bar, young, guard = self._runaway_rule(rcfg, ms, event, ts, b, think, lat, rcfg.z)
+        if not rule:
+            # a call past the learning bar (learn_z sd) but under the
+            # reporting one (z sd) is kept out of the baselines unreported:
+            # too rare to learn as normal, too common in real reasoning
+            # traffic (a tail heavier than log-normal) to page anyone
+            if rcfg.learn_z >= rcfg.z or not self._runaway_rule(
+                    rcfg, ms, event, ts, b, think, lat, rcfg.learn_z)[0]:
+                self._learn_call_size(cs, ms, b, think, lat)
+            return
         model = event.model
         rsn = event.reasoning_tokens
-        rule = None
-        # a plain model stopped at its output limit: judged from fewer tokens
-        min_tok = float(min(rcfg.min_tokens, rcfg.length_min_output)
-                        if event.finish_reason == "length" and not b.has_reasoning
-                        else rcfg.min_tokens)
-        young = False  # fired on a warming-up baseline's own calls
-        bar = 0.0  # the bar the call passed (relative rules: the highest of their tests)
-        # before the (consumer, model) baseline is warm, a reasoning model's
-        # model-wide baseline stands in (output sizes of plain models vary too
-        # much between consumers for that): at once to hold back the duration
-        # guardrail (it can only make it stricter), for the relative rules
-        # once it has standin_warmup_min of history
-        guard: ModelCallBaseline | None = b if b.t_n >= rcfg.warmup_calls else (
-            ms.size if ms.size.t_n >= rcfg.warmup_calls and ms.size.has_reasoning
-            else None)
-        ref = guard if guard is b or ts - ms.first_ts >= 60.0 * rcfg.standin_warmup_min else None
-        if (lat >= rcfg.max_latency_s and b.has_reasoning and think >= rcfg.min_tokens
-                and (guard is None or (
-                    (think >= guard.t_limit(0.7 * rcfg.z)
-                     or think >= 0.5 * rcfg.extreme_max_ratio * guard.t_rmax)
-                    and think >= rcfg.ratio_to_recent_max * guard.t_rmax))):
-            # a long call that also thought unusually much (a slow call with a
-            # normal amount of thinking is upstream latency, not runaway reasoning)
-            rule = "max_latency"
-        elif think >= rcfg.max_think_tokens:
-            rule = "max_tokens"
-        elif (event.finish_reason == "length" and rsn >= rcfg.length_min_reasoning
-              and rsn >= rcfg.length_reasoning_share * event.output_tokens):
-            rule = "reasoning_budget"
-        elif ref is not None:
-            # the model-wide baseline mixes consumers of very different sizes,
-            # so its variance says little: there the largest recent call of
-            # the model (x 2 x ratio_to_recent_max) replaces the z-test
-            own = ref is b
-            rmax_ratio = rcfg.ratio_to_recent_max * (1.0 if own else 2.0)
-            # output tokens of a model that reports no reasoning are not all
-            # thinking (long answers are normal): one sd more evidence there
-            zt = rcfg.z if b.has_reasoning else rcfg.z + 1.0
-            # ... and a call no bigger than the consumer's own calls so far
-            # is no runaway for it, whatever the model's other consumers do
-            ext = (rcfg.extreme_max_ratio if b.has_reasoning
-                   else rcfg.extreme_max_ratio_output) * ref.t_rmax
-            bar = max(min_tok, rmax_ratio * ref.t_rmax,
-                      rcfg.ratio_to_mean * ref.t_geomean(),
-                      min(ref.t_limit(zt), ext) if own
-                      else rcfg.ratio_to_recent_max * b.t_rmax)
-            if think >= bar:
-                rule = "tokens"
-            elif lat >= rcfg.min_latency_s and b.has_reasoning and think >= rcfg.min_tokens:
-                bar = max(rcfg.min_latency_s, rmax_ratio * ref.l_rmax,
-                          rcfg.ratio_to_mean * ref.l_geomean(),
-                          ref.l_limit(rcfg.z) if own else rcfg.ratio_to_recent_max * b.l_rmax)
-                if lat >= bar:
-                    rule = "latency"
-        if (rule is None and rcfg.young_min_calls <= b.t_n < rcfg.warmup_calls
-                and think >= min_tok):
-            # a warming-up baseline's own calls: far above the largest of them
-            ybar = max(min_tok, rcfg.young_max_ratio * b.t_rmax,
-                       rcfg.ratio_to_mean * b.t_geomean())
-            if think >= ybar:
-                rule, bar, young = "tokens", ybar, True
-        if rule is None:
-            self._learn_call_size(cs, ms, b, think, lat)
-            return
         hist = self._runaway_ts.setdefault(cs.key, [])
         hist.append(ts)
         lim = ts - rcfg.repeat_window_s
@@ -1457,6 +1405,77 @@ class Engine:
                              "baseline_calls": int(b.t_n),
                              "runaway_calls_in_window": len(hist)},
                    quiet_s=rcfg.quiet_s)
+
+    @staticmethod
+    def _runaway_rule(rcfg: RunawayConfig, ms: ModelState, event: UsageEvent, ts: float,
+                      b: ModelCallBaseline, think: float, lat: float, z: float
+                      ) -> tuple[str, float, bool, ModelCallBaseline | None]:
+        """The rule a call passes at ``z`` sd ("" for none), the bar it passed,
+        whether it fired on a warming-up baseline's own calls, and the
+        baseline it is judged against (see :meth:`_rule_runaway`)."""
+        rsn = event.reasoning_tokens
+        rule = ""
+        # a plain model stopped at its output limit: judged from fewer tokens
+        min_tok = float(min(rcfg.min_tokens, rcfg.length_min_output)
+                        if event.finish_reason == "length" and not b.has_reasoning
+                        else rcfg.min_tokens)
+        young = False  # fired on a warming-up baseline's own calls
+        bar = 0.0  # the bar the call passed (relative rules: the highest of their tests)
+        # before the (consumer, model) baseline is warm, a reasoning model's
+        # model-wide baseline stands in (output sizes of plain models vary too
+        # much between consumers for that): at once to hold back the duration
+        # guardrail (it can only make it stricter), for the relative rules
+        # once it has standin_warmup_min of history
+        guard: ModelCallBaseline | None = b if b.t_n >= rcfg.warmup_calls else (
+            ms.size if ms.size.t_n >= rcfg.warmup_calls and ms.size.has_reasoning
+            else None)
+        ref = guard if guard is b or ts - ms.first_ts >= 60.0 * rcfg.standin_warmup_min else None
+        if (lat >= rcfg.max_latency_s and b.has_reasoning and think >= rcfg.min_tokens
+                and (guard is None or (
+                    (think >= guard.t_limit(0.7 * z)
+                     or think >= 0.5 * rcfg.extreme_max_ratio * guard.t_rmax)
+                    and think >= rcfg.ratio_to_recent_max * guard.t_rmax))):
+            # a long call that also thought unusually much (a slow call with a
+            # normal amount of thinking is upstream latency, not runaway reasoning)
+            rule = "max_latency"
+        elif think >= rcfg.max_think_tokens:
+            rule = "max_tokens"
+        elif (event.finish_reason == "length" and rsn >= rcfg.length_min_reasoning
+              and rsn >= rcfg.length_reasoning_share * event.output_tokens):
+            rule = "reasoning_budget"
+        elif ref is not None:
+            # the model-wide baseline mixes consumers of very different sizes,
+            # so its variance says little: there the largest recent call of
+            # the model (x 2 x ratio_to_recent_max) replaces the z-test
+            own = ref is b
+            rmax_ratio = rcfg.ratio_to_recent_max * (1.0 if own else 2.0)
+            # output tokens of a model that reports no reasoning are not all
+            # thinking (long answers are normal): one sd more evidence there
+            zt = z if b.has_reasoning else z + 1.0
+            # ... and a call no bigger than the consumer's own calls so far
+            # is no runaway for it, whatever the model's other consumers do
+            ext = (rcfg.extreme_max_ratio if b.has_reasoning
+                   else rcfg.extreme_max_ratio_output) * ref.t_rmax
+            bar = max(min_tok, rmax_ratio * ref.t_rmax,
+                      rcfg.ratio_to_mean * ref.t_geomean(),
+                      min(ref.t_limit(zt), ext) if own
+                      else rcfg.ratio_to_recent_max * b.t_rmax)
+            if think >= bar:
+                rule = "tokens"
+            elif lat >= rcfg.min_latency_s and b.has_reasoning and think >= rcfg.min_tokens:
+                bar = max(rcfg.min_latency_s, rmax_ratio * ref.l_rmax,
+                          rcfg.ratio_to_mean * ref.l_geomean(),
+                          ref.l_limit(z) if own else rcfg.ratio_to_recent_max * b.l_rmax)
+                if lat >= bar:
+                    rule = "latency"
+        if (not rule and rcfg.young_min_calls <= b.t_n < rcfg.warmup_calls
+                and think >= min_tok):
+            # a warming-up baseline's own calls: far above the largest of them
+            ybar = max(min_tok, rcfg.young_max_ratio * b.t_rmax,
+                       rcfg.ratio_to_mean * b.t_geomean())
+            if think >= ybar:
+                rule, bar, young = "tokens", ybar, True
+        return rule, bar, young, guard
 
     @staticmethod
     def _learn_call_size(cs: ConsumerState, ms: ModelState, b: ModelCallBaseline, think: float,

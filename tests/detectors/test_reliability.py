@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from detectors import DetectorConfig, Engine
 from detectors.reliability import FailWindow, HashWindow, log10_binom_tail
 from ingest.event import UsageEvent
 
@@ -551,3 +552,37 @@ def test_capped_thinking_six_and_a_half_times_its_budget_is_caught_output_is_not
     plain = event(9_999, t, "cap", "gpt-4o", output_tokens=26_900, latency_ms=344_000,
                   request_hash="big")
     assert not first(run([*calls("gpt-4o", False), plain]), "runaway_reasoning")
+
+
+def test_a_call_between_the_learning_and_the_reporting_bar_is_neither():
+    # a consumer thinking a log-normal ~800 tokens (sd 0.35 in log space);
+    # a call between its 5 sd and 6 sd limits (and past every other bar) is
+    # not reported at the default z = 6, and is kept out of the baselines
+    # (learn_z = 5) as a reported one would be; with z = 5 it is reported
+    rng = random.Random(21)
+    evs = []
+    for k in range(300):
+        n = int(rng.lognormvariate(math.log(800), 0.35))
+        evs.append(event(k, T0 + 20 * k, "mid", "o3-mini", reasoning_tokens=n,
+                         output_tokens=n + 200, latency_ms=1000 + 10 * n,
+                         request_hash=f"m{k}"))
+    eng = Engine()
+    run(evs, eng)
+    b = eng._consumers["mid"].model_baseline("o3-mini")
+    lo, hi = b.t_limit(5.0), b.t_limit(6.0)
+    think = int((max(lo, 6000.0, 1.5 * b.t_rmax, 6.0 * b.t_geomean()) + hi) / 2)
+    assert lo < think < hi < 6.0 * b.t_rmax
+    mid = event(9_999, T0 + 20 * 300, "mid", "o3-mini", reasoning_tokens=think,
+                output_tokens=think + 200, latency_ms=1000 + 10 * think, request_hash="mid")
+    before = (b.t_n, b.t_rmax, b.t_m)
+    assert not first(run([mid], eng), "runaway_reasoning")
+    assert (b.t_n, b.t_rmax, b.t_m) == before  # learnt nothing
+    at5 = Engine(DetectorConfig.from_dict({"runaway_reasoning": {"z": 5.0}}))
+    [f] = first(run([*evs, mid], at5), "runaway_reasoning")
+    assert f.evidence["rule"] == "tokens" and f.observed == think
+    # learn_z at or above z: every call not reported teaches the baselines
+    learns = Engine(DetectorConfig.from_dict({"runaway_reasoning": {"learn_z": 6.0}}))
+    run(evs, learns)
+    b2 = learns._consumers["mid"].model_baseline("o3-mini")
+    assert not first(run([mid], learns), "runaway_reasoning")
+    assert b2.t_rmax == think  # the recent maximum sees every call it learns
