@@ -59,8 +59,8 @@ class RunawayConfig:
     # from the public deepseek-r1 traces (18,000 consumer-hours), 5 sd
     # reported 14 more unlabelled calls than 6 sd (thinking, or a plain
     # model's output, 15-70x the consumer's typical, or slow calls of
-    # ordinary thinking), and 6 sd kept
-    # every labelled runaway of the three generators (docs/detectors.md)
+    # ordinary thinking), and 6 sd kept every labelled runaway of the three
+    # generators (docs/detectors.md)
     z: float = 6.0
     # calls past learn_z sd but under z are kept out of the baselines without
     # a finding, so the baselines learn as they did when 5 sd reported them

@@ -302,10 +302,13 @@ class Engine:
         # sta-rag-0283, p0 3 % -> 8 % in six minutes, never significant)
         fs = cs.fs
         fl = cs.fl
-        twice = 2.0 * (cs.f_base + 1.0) / (cs.n_base + 50.0)
-        if ((fs < hot.fs_min_failures or fs < twice * cs.ns)
-                and (fl < hot.fs_min_failures or fl < twice * cs.nl)
-                and not (cs.key in self._book.subjects and self._failure_open(cs))):
+        mf = hot.fs_min_failures
+        calm = fs < mf and fl < mf  # the common case: no rate to compute
+        if not calm:
+            twice = 2.0 * (cs.f_base + 1.0) / (cs.n_base + 50.0)
+            calm = ((fs < mf or fs < twice * cs.ns)
+                    and (fl < mf or fl < twice * cs.nl))
+        if calm and not (cs.key in self._book.subjects and self._failure_open(cs)):
             keep = hot.fs_keep
             cs.n_base = cs.n_base * keep + 1.0
             if failed and not repeat_fail:
