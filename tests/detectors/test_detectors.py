@@ -522,6 +522,7 @@ def test_overrides_and_tenant_settings():
      "runaway_reasoning.young_min_calls: must be >= 1"),
     ({"failure_spike": {"min_window_s": -1}}, "failure_spike.min_window_s: must be >= 0"),
     ({"retry_storm": {"reopen_s": -5}}, "retry_storm.reopen_s: must be >= 0"),
+    ({"token_spike": {"regrow_ratio": 0.5}}, "token_spike.regrow_ratio: must be 0"),
 ])
 def test_config_errors(bad, needle):
     with pytest.raises(ValueError, match=needle.replace(".", r"\.")):

@@ -429,3 +429,28 @@ def test_the_quiet_preset_trades_moderate_steps_for_fewer_findings():
     assert f.detected_at.timestamp() - t <= 60
     [g] = first(run(big, Engine(cfg)), "token_spike")
     assert g.detected_at.timestamp() - t <= 130
+
+
+def test_a_far_bigger_spike_inside_a_long_episode_is_a_finding_of_its_own():
+    # a lasting step to 20x the mean opens an episode that stays open (its
+    # baselines do not learn while it is); 50 minutes on, 10x that new level
+    # for 5 minutes is news (the defaults), not a revision of the old finding
+    base = T0 + 180 * 60
+    evs = bursty("g", 300, rate=6.0)
+    evs += [event(900_000 + k, base + k * 0.5, "g", input_tokens=2000, output_tokens=250,
+                  request_hash=f"x{k}") for k in range(int(100 * 60 / 0.5))]
+    evs += [event(950_000 + k, base + 50 * 60 + k * 0.05, "g", input_tokens=2000,
+                  output_tokens=250, request_hash=f"y{k}") for k in range(int(300 / 0.05))]
+
+    def opened(regrow_ratio: float) -> list[float]:
+        cfg = DetectorConfig.from_dict({"token_spike": {"regrow_ratio": regrow_ratio}})
+        return [f.detected_at.timestamp() - base
+                for f in first(run(evs, Engine(cfg)), "token_spike")]
+
+    at = opened(DetectorConfig().settings.token_spike.regrow_ratio)
+    assert len(at) == 2 and at[0] <= 180 and 50 * 60 <= at[1] <= 51 * 60
+    # the old finding ended where the new one began
+    fs = [f for f in run(evs) if f.kind == "token_spike"]
+    ended = [f for f in fs if f.status == "resolved" and f.finding_id == fs[0].finding_id]
+    assert ended and ended[0].resolved_at.timestamp() - base == pytest.approx(at[1])
+    assert opened(0.0) == at[:1]  # off: the spike is only a revision of the first
