@@ -9,7 +9,7 @@ checked: an unknown key or a value of the wrong type or range raises
 Layout of the dict (all sections optional)::
 
     [engine]                       # EngineConfig
-    evict_idle_s = 93600
+    evict_idle_s = 691200
     [token_spike]                  # one section per detector kind
     min_tokens_per_min = 20000
     [tenants.acme.token_spike]     # override for every consumer of tenant "acme"
@@ -358,7 +358,12 @@ class Settings:
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    evict_idle_s: float = 26 * 3600.0  # forget a consumer idle this long
+    # forget a consumer idle this long.  Eight days: a consumer back after a
+    # weekend or a week (a weekly job) is judged on its own baselines and
+    # time-of-day highs, not warmed up afresh (its first 30-40 minutes
+    # unwatched by the rate rules).  The state held is that of the consumers
+    # active in that time, under 2 KiB each
+    evict_idle_s: float = 8 * 86400.0
     max_lateness_s: float = 120.0  # events older than clock - this are counted, not scored
     update_interval_s: float = 300.0  # re-emit an open finding at most this often
     update_growth: float = 1.5  # ... or when observed grew by this factor

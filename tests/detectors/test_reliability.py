@@ -167,6 +167,30 @@ def test_rate_jump_with_most_calls_failing_is_a_retry_storm():
     assert not first(fs, "failure_spike"), [f.summary for f in first(fs, "failure_spike")]
 
 
+def test_a_consumer_back_after_a_day_and_a_half_is_judged_on_its_old_baseline():
+    """A consumer idle for 30 hours (a weekend, a weekly job) keeps its state:
+    its return with most calls failing is a retry storm at once, not the
+    first minutes of a new consumer's warm-up (the tracked consumers are
+    those active within ``engine.evict_idle_s``, 8 days)."""
+    def back(cfg: DetectorConfig | None = None) -> list:
+        rng = random.Random(3)
+        evs = traffic("w", T0, T0 + 6000, 30.0, rng, err=0.01)  # 2 calls / minute
+        t = T0 + 6000 + 30 * 3600
+        for k in range(300):  # back: 30 calls / minute of new requests, 85 % failing
+            d = event(50_000 + k, t + 2.0 * k + rng.random(), "w", request_hash=f"new{k}")
+            if rng.random() < 0.85:
+                d.update(status=429, error="rate_limited", output_tokens=0,
+                         finish_reason="error")
+            evs.append(d)
+        return first(run(evs, Engine(cfg) if cfg else None), "retry_storm")
+
+    storms = back()
+    assert storms and storms[0].evidence["rule"] == "rate_jump"
+    assert storms[0].detected_at.timestamp() - (T0 + 6000 + 30 * 3600) <= 60
+    # forgotten after 26 hours, it would be a new consumer in its warm-up
+    assert not back(DetectorConfig.from_dict({"engine": {"evict_idle_s": 26 * 3600}}))
+
+
 def test_rate_jump_of_many_requests_each_retried_normally_is_a_retry_storm():
     def jump(new_per_s: float) -> list:
         rng = random.Random(5)
