@@ -99,6 +99,16 @@ class RunawayConfig:
     repeat_count: int = 3  # runaway calls from one consumer within repeat_window_s
     repeat_window_s: float = 1800.0  # ... escalate to critical / block
     quiet_s: float = 1800.0
+    # a consumer's runaway call within reopen_s of the end of its last runaway
+    # episode, thinking no more than reopen_ratio x that episode's largest
+    # thinking (tokens, whatever rule reported it: a finding's observed value
+    # is tokens or seconds), reopens that episode (a new revision with
+    # evidence.recurrences, its alert firing again) instead of opening a new
+    # finding: a consumer whose calls run away every hour or so is one story
+    # (on two days of held-out traffic, single consumers made 10 and 12
+    # findings that way); a far bigger call is news.  0 disables
+    reopen_s: float = 7200.0
+    reopen_ratio: float = 1.5
 
 
 @dataclass(frozen=True, slots=True)

@@ -509,7 +509,8 @@ class Engine:
               observed: float, baseline: float, threshold: float, severity: str, action: str,
               summary: str, evidence: dict[str, Any], quiet_s: float,
               reopen_s: float = 0.0, reopen_ratio: float = 0.0,
-              regrow_ratio: float = 0.0, regrow_after_s: float = 0.0) -> None:
+              regrow_ratio: float = 0.0, regrow_after_s: float = 0.0,
+              size: float = -1.0) -> None:
         book = self._book
         ep = book.open.get((kind, scope, subject, tenant))
         if (ep is not None and ts - ep.last_touch <= ep.quiet_s and ts - ep.last_touch < 10.0
@@ -525,7 +526,7 @@ class Engine:
                               severity=severity, action=action, summary=summary,
                               evidence=evidence, quiet_s=quiet_s, reopen_s=reopen_s,
                               reopen_ratio=reopen_ratio, regrow_ratio=regrow_ratio,
-                              regrow_after_s=regrow_after_s))
+                              regrow_after_s=regrow_after_s, size=size))
 
     def _is_open(self, kind: str, scope: str, subject: str, tenant: str, ts: float) -> bool:
         ep = self._book.open.get((kind, scope, subject, tenant))
@@ -1419,7 +1420,8 @@ class Engine:
                              "latency_s": round(lat, 1), "finish_reason": event.finish_reason,
                              "baseline_calls": int(b.t_n),
                              "runaway_calls_in_window": len(hist)},
-                   quiet_s=rcfg.quiet_s)
+                   quiet_s=rcfg.quiet_s, reopen_s=rcfg.reopen_s, reopen_ratio=rcfg.reopen_ratio,
+                   size=think)
 
     @staticmethod
     def _runaway_rule(rcfg: RunawayConfig, ms: ModelState, event: UsageEvent, ts: float,

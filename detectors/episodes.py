@@ -89,7 +89,7 @@ class Episode(Record):
                  "finding_id", "first_ts", "kind", "last_emit_obs", "last_emit_ts", "last_touch",
                  "model", "observed", "peak", "quiet_s", "recurrences", "reopen_base",
                  "reopen_ratio", "reopen_s", "resolved_ts", "revision", "scope", "severity",
-                 "subject", "summary", "tenant", "threshold", "touches")
+                 "size_peak", "subject", "summary", "tenant", "threshold", "touches")
     action: str
     baseline: float
     consumer: str | None
@@ -114,6 +114,9 @@ class Episode(Record):
     revision: int
     scope: str
     severity: str
+    # the largest size the reopen tests compare (``size`` of EpisodeBook.touch;
+    # the observed value unless a kind reports in mixed units)
+    size_peak: float
     subject: str
     summary: str
     tenant: str
@@ -157,12 +160,17 @@ class EpisodeBook:
               observed: float, baseline: float, threshold: float, severity: str,
               action: str, summary: str, evidence: dict[str, Any], quiet_s: float,
               reopen_s: float = 0.0, reopen_ratio: float = 0.0,
-              regrow_ratio: float = 0.0, regrow_after_s: float = 0.0) -> list[Finding]:
+              regrow_ratio: float = 0.0, regrow_after_s: float = 0.0,
+              size: float = -1.0) -> list[Finding]:
         """Open or update an episode; return the findings to emit (a resolution
         of an expired episode under the same key comes first).  An episode
         open for ``regrow_after_s`` that rises past ``regrow_ratio`` x its
-        peak so far ends, and a new one opens (0: never)."""
+        peak so far ends, and a new one opens (0: never).  The reopen tests
+        compare ``size`` (>= 0) instead of ``observed``: a kind whose findings
+        report values in different units (runaway_reasoning: tokens or
+        seconds, by rule) passes one unit for all of them."""
         key = (kind, scope, subject, tenant)
+        sz = size if size >= 0.0 else observed
         ep = self.open.get(key)
         out: list[Finding] = []
         if ep is not None and now - ep.last_touch > ep.quiet_s:
@@ -175,21 +183,23 @@ class EpisodeBook:
             # more than the peak so far)
             out = [self._close(key, ep, now, False)]
             ep = None
-        elif ep is not None and ep.recurrences and observed > ep.reopen_ratio * ep.reopen_base:
+        elif ep is not None and ep.recurrences and sz > ep.reopen_ratio * ep.reopen_base:
             # it came back, then grew past the bar: news after all.  The
             # reopened episode ends here and a new one opens
             out = [self._close(key, ep, now, False)]
             ep = None
         if ep is None and self.closed:
             old = self.closed.pop(key, None)
+            old_size = getattr(old, "size_peak", old.peak) if old is not None else 0.0
             if (old is not None and now - old.resolved_ts <= old.reopen_s
-                    and observed <= old.reopen_ratio * old.peak):
+                    and sz <= old.reopen_ratio * old_size):
                 old.recurrences += 1
                 old.revision += 1
                 old.touches += 1
-                old.reopen_base = old.peak
+                old.reopen_base = old_size
                 if observed > old.peak:
                     old.peak = observed
+                old.size_peak = max(old_size, sz)
                 self._set(old, now, observed, baseline, threshold, severity, action, summary,
                           {**evidence, "recurrences": old.recurrences}, quiet_s)
                 out.append(self._open(key, old, now, observed))
@@ -204,6 +214,7 @@ class EpisodeBook:
             ep.revision = 0
             ep.touches = 1
             ep.peak = ep.early_peak = observed
+            ep.size_peak = sz
             ep.recurrences = 0
             ep.reopen_base = 0.0
             ep.reopen_s, ep.reopen_ratio = reopen_s, reopen_ratio
@@ -225,6 +236,8 @@ class EpisodeBook:
             ep.peak = observed
             if now - ep.detected_ts < regrow_after_s:
                 ep.early_peak = observed
+        if sz > getattr(ep, "size_peak", ep.peak):
+            ep.size_peak = sz
         self._set(ep, now, observed, baseline, threshold, severity, action, summary,
                   evidence, quiet_s)
         grew = abs(observed) >= self.growth * abs(ep.last_emit_obs) and observed != 0

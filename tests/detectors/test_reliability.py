@@ -562,6 +562,37 @@ def test_runaway_at_the_call_then_escalates():
     assert fs[-1].severity == "critical" and fs[-1].action == "block"
 
 
+def test_a_consumer_whose_calls_run_away_every_hour_has_one_finding():
+    """Runaway calls of one consumer 50 minutes apart (each episode ends 30
+    minutes after its call) reopen the first finding; they are compared in
+    thinking tokens whatever rule reported them (the first ran past 600 s and
+    reports seconds, which the next call's 12k tokens would dwarf); a call
+    thinking far more than the episode's largest is a new finding."""
+    def findings(cfg: DetectorConfig | None = None) -> list:
+        rng = random.Random(12)
+        evs = traffic("hr", T0, T0 + 3600, 20.0, rng, model="o3-mini", reasoning_tokens=500,
+                      output_tokens=700)
+        t = T0 + 3700
+        big = [(11_000, 650_000), (12_000, 60_000), (12_500, 60_000), (40_000, 90_000)]
+        evs += [event(10_000 + k, t + 3000 * k, "hr", "o3-mini", latency_ms=lat,
+                      output_tokens=rsn + 300, reasoning_tokens=rsn, request_hash=f"big{k}")
+                for k, (rsn, lat) in enumerate(big)]
+        fs = [f for f in run(evs, Engine(cfg) if cfg else None)
+              if f.kind == "runaway_reasoning" and f.status == "firing"]
+        return fs
+
+    fs = findings()
+    ids = list(dict.fromkeys(f.finding_id for f in fs))
+    assert len(ids) == 2, [f.summary for f in fs]
+    first_ep = [f for f in fs if f.finding_id == ids[0]]
+    assert [f.evidence.get("recurrences", 0) for f in first_ep] == [0, 1, 2]
+    assert first_ep[0].evidence["rule"] == "max_latency" and first_ep[0].observed < 1000
+    assert next(f for f in fs if f.finding_id == ids[1]).observed == 40_000
+    # without reopening, each call is a finding of its own
+    off = findings(DetectorConfig.from_dict({"runaway_reasoning": {"reopen_s": 0}}))
+    assert len({f.finding_id for f in off}) == 4
+
+
 def test_runaway_far_beyond_a_capped_wide_spread_is_caught():
     # thinking spread over two orders of magnitude but capped by a 4k budget:
     # the log z-score alone would accept 50k, the recent maximum does not
