@@ -164,8 +164,9 @@ class EpisodeBook:
               size: float = -1.0) -> list[Finding]:
         """Open or update an episode; return the findings to emit (a resolution
         of an expired episode under the same key comes first).  An episode
-        open for ``regrow_after_s`` that rises past ``regrow_ratio`` x its
-        peak so far ends, and a new one opens (0: never).  The reopen tests
+        open for ``regrow_after_s`` that rises past ``regrow_ratio`` x the
+        peak of its first ``regrow_after_s`` ends, and a new one opens (0:
+        never).  The reopen tests
         compare ``size`` (>= 0) instead of ``observed``: a kind whose findings
         report values in different units (runaway_reasoning: tokens or
         seconds, by rule) passes one unit for all of them."""
@@ -190,6 +191,7 @@ class EpisodeBook:
             ep = None
         if ep is None and self.closed:
             old = self.closed.pop(key, None)
+            # (episodes restored from before size_peak existed: their peak)
             old_size = getattr(old, "size_peak", old.peak) if old is not None else 0.0
             if (old is not None and now - old.resolved_ts <= old.reopen_s
                     and sz <= old.reopen_ratio * old_size):
