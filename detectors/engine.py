@@ -510,9 +510,9 @@ class Engine:
               summary: str, evidence: dict[str, Any], quiet_s: float,
               reopen_s: float = 0.0, reopen_ratio: float = 0.0,
               regrow_ratio: float = 0.0, regrow_after_s: float = 0.0,
-              size: float = -1.0) -> None:
+              size: float = -1.0, part: str = "") -> None:
         book = self._book
-        ep = book.open.get((kind, scope, subject, tenant))
+        ep = book.open.get((kind if not part else f"{kind}|{part}", scope, subject, tenant))
         if (ep is not None and ts - ep.last_touch <= ep.quiet_s and ts - ep.last_touch < 10.0
                 and observed < book.growth * ep.last_emit_obs and severity == ep.severity
                 and action == ep.action):
@@ -526,7 +526,7 @@ class Engine:
                               severity=severity, action=action, summary=summary,
                               evidence=evidence, quiet_s=quiet_s, reopen_s=reopen_s,
                               reopen_ratio=reopen_ratio, regrow_ratio=regrow_ratio,
-                              regrow_after_s=regrow_after_s, size=size))
+                              regrow_after_s=regrow_after_s, size=size, part=part))
 
     def _is_open(self, kind: str, scope: str, subject: str, tenant: str, ts: float) -> bool:
         ep = self._book.open.get((kind, scope, subject, tenant))
@@ -1357,8 +1357,9 @@ class Engine:
         length``) is judged from ``length_min_output`` tokens instead of
         ``min_tokens`` (a model repeating itself up to its max_tokens).
 
-        ``repeat_count`` runaway calls within ``repeat_window_s`` escalate the
-        consumer's episode to critical / block (an attack on a reasoning model).
+        ``repeat_count`` runaway calls of the consumer (on any of its models)
+        within ``repeat_window_s`` escalate its episode to critical / block (an
+        attack on a reasoning model).  Episodes are per (consumer, model).
         Runaway calls never teach the baselines, nor do calls that pass the
         relative rules at ``learn_z`` sd instead of ``z`` (they are not
         reported either).
@@ -1410,6 +1411,11 @@ class Engine:
             summary = (f"{cs.key}: {len(hist)} runaway {model} calls in "
                        f"{rcfg.repeat_window_s / 60:.0f} min, latest {what}: "
                        "looks like an attack on a reasoning model")
+        # one episode per (consumer, model), as the baselines: a long answer of
+        # a plain model and, minutes later, a reasoning model thinking away are
+        # two behaviours, and the finding's model must be the one that ran
+        # away (escalation still counts the consumer's runaway calls on every
+        # model)
         self._fire(out, kind="runaway_reasoning", scope="consumer", subject=cs.key,
                    tenant=cs.tenant, consumer=cs.key, model=model, ts=ts, first_ts=ts,
                    observed=obs, baseline=base, threshold=thr,
@@ -1421,7 +1427,7 @@ class Engine:
                              "baseline_calls": int(b.t_n),
                              "runaway_calls_in_window": len(hist)},
                    quiet_s=rcfg.quiet_s, reopen_s=rcfg.reopen_s, reopen_ratio=rcfg.reopen_ratio,
-                   size=think)
+                   size=think, part=model)
 
     @staticmethod
     def _runaway_rule(rcfg: RunawayConfig, ms: ModelState, event: UsageEvent, ts: float,

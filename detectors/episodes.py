@@ -140,7 +140,8 @@ class Episode(Record):
 
 
 class EpisodeBook:
-    """Open episodes keyed by (kind, scope, subject, tenant)."""
+    """Open episodes keyed by (kind, scope, subject, tenant); a kind kept in
+    parts (``part`` of :meth:`touch`) is keyed ("kind|part", ...)."""
 
     def __init__(self, interval_s: float = 300.0, growth: float = 1.5) -> None:
         self.open: dict[tuple[str, str, str, str], Episode] = {}
@@ -161,16 +162,19 @@ class EpisodeBook:
               action: str, summary: str, evidence: dict[str, Any], quiet_s: float,
               reopen_s: float = 0.0, reopen_ratio: float = 0.0,
               regrow_ratio: float = 0.0, regrow_after_s: float = 0.0,
-              size: float = -1.0) -> list[Finding]:
+              size: float = -1.0, part: str = "") -> list[Finding]:
         """Open or update an episode; return the findings to emit (a resolution
-        of an expired episode under the same key comes first).  An episode
+        of an expired episode under the same key comes first).  A non-empty
+        ``part`` keeps separate episodes (and finding ids) for one subject
+        (runaway_reasoning: one per model of the consumer).  An episode
         open for ``regrow_after_s`` that rises past ``regrow_ratio`` x the
         peak of its first ``regrow_after_s`` ends, and a new one opens (0:
         never).  The reopen tests
         compare ``size`` (>= 0) instead of ``observed``: a kind whose findings
         report values in different units (runaway_reasoning: tokens or
         seconds, by rule) passes one unit for all of them."""
-        key = (kind, scope, subject, tenant)
+        key = (kind, scope, subject, tenant) if not part else (f"{kind}|{part}", scope,
+                                                                subject, tenant)
         sz = size if size >= 0.0 else observed
         ep = self.open.get(key)
         out: list[Finding] = []
@@ -212,7 +216,9 @@ class EpisodeBook:
             ep.consumer, ep.model = consumer, model
             ep.first_ts = min(first_ts, now)
             ep.detected_ts = now
-            ep.finding_id = Finding.episode_id(kind, scope, subject, tenant, dt(ep.first_ts))
+            ep.finding_id = Finding.episode_id(kind, scope,
+                                               f"{subject}|{part}" if part else subject,
+                                               tenant, dt(ep.first_ts))
             ep.revision = 0
             ep.touches = 1
             ep.peak = ep.early_peak = observed

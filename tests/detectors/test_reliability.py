@@ -593,6 +593,35 @@ def test_a_consumer_whose_calls_run_away_every_hour_has_one_finding():
     assert len({f.finding_id for f in off}) == 4
 
 
+def test_runaway_calls_on_two_models_of_one_consumer_are_two_findings():
+    """A plain model's answer running on and, ten minutes later while that
+    episode is still open, a reasoning model thinking away: two findings,
+    each naming the model that ran away.  A second runaway call on the
+    reasoning model within the episode stays in its finding."""
+    rng = random.Random(21)
+    evs = traffic("mm", T0, T0 + 3600, 15.0, rng, model="gpt-4o", output_tokens=300)
+    evs += traffic("mm", T0, T0 + 3600, 15.0, rng, model="o3-mini", tag="r",
+                   reasoning_tokens=500, output_tokens=700)
+    evs.sort(key=lambda d: d["ts"])
+    t = T0 + 3700
+    evs += [event(9_001, t, "mm", "gpt-4o", output_tokens=16_000, latency_ms=150_000,
+                  request_hash="long"),
+            event(9_002, t + 600, "mm", "o3-mini", reasoning_tokens=20_000,
+                  output_tokens=20_300, latency_ms=200_000, request_hash="think"),
+            event(9_003, t + 900, "mm", "o3-mini", reasoning_tokens=21_000,
+                  output_tokens=21_300, latency_ms=210_000, request_hash="think2")]
+    fs = [f for f in run(evs) if f.kind == "runaway_reasoning" and f.status == "firing"]
+    models = {f.finding_id: f.model for f in fs}
+    assert sorted(models.values()) == ["gpt-4o", "o3-mini"], [f.summary for f in fs]
+    [o3] = [fid for fid, m in models.items() if m == "o3-mini"]
+    assert min(f.detected_at.timestamp() for f in fs if f.finding_id == o3) == pytest.approx(
+        t + 600)
+    # the third call is a revision of the o3-mini finding: the consumer's
+    # third runaway call in 30 minutes (on either model) escalates it
+    last = [f for f in fs if f.finding_id == o3][-1]
+    assert last.severity == "critical" and last.evidence["runaway_calls_in_window"] == 3
+
+
 def test_runaway_far_beyond_a_capped_wide_spread_is_caught():
     # thinking spread over two orders of magnitude but capped by a 4k budget:
     # the log z-score alone would accept 50k, the recent maximum does not
