@@ -1334,8 +1334,9 @@ class Engine:
           ``ratio_to_recent_max`` x its recent maximum (a slow call that
           thought little is upstream latency, not runaway reasoning); thinking
           >= ``max_think_tokens``; ``finish_reason=length`` with at least
-          ``length_min_reasoning`` reasoning tokens making up most of the output
-          (the reasoning budget was hit);
+          ``length_min_reasoning`` reasoning tokens making up nearly all the
+          output (``length_reasoning_share``: the budget ran out while the
+          model was still thinking, not in its answer);
         * relative: above ``min_tokens`` (and, for duration, on reasoning
           models only, ``min_latency_s``) and above the
           (consumer, model) log-scale mean + z sd (or ``extreme_max_ratio``

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import pytest
 
@@ -163,6 +164,36 @@ def test_a_plain_model_stuck_at_its_output_limit_is_runaway():
     # ... and a consumer whose answers often run long is not judged by it
     long = steady("p", 200, model="gpt-4o-mini", output_tokens=1500)
     assert kinds(run([*long, stuck])) == []
+
+
+def test_the_reasoning_budget_guardrail_needs_the_limit_hit_while_thinking():
+    # a heavy thinker (~5k reasoning tokens a call, a 32k output limit): a
+    # call whose thinking used the whole limit (nothing left for the answer)
+    # hit its reasoning budget; one that thought 30k (6x its typical) and was
+    # cut off 2.7k tokens into its answer is a long answer, not runaway
+    # reasoning, and below every other rule
+    rng = random.Random(4)
+    evs = []
+    for k in range(300):
+        rsn = int(rng.lognormvariate(math.log(5000), 0.35))
+        evs.append(event(k, T0 + 12 * k, "hv", "deepseek-reasoner", reasoning_tokens=rsn,
+                         output_tokens=rsn + 600, latency_ms=30 * rsn,
+                         max_output_tokens=32_768, request_hash=f"hv{k}"))
+    t = T0 + 12 * 300 + 5
+
+    def cut(rsn: int) -> dict:
+        return event(999, t, "hv", "deepseek-reasoner", reasoning_tokens=rsn,
+                     output_tokens=32_768, finish_reason="length", max_output_tokens=32_768,
+                     latency_ms=400_000, request_hash="cut")
+
+    [f] = [f for f in run([*evs, cut(32_768)]) if f.kind == "runaway_reasoning"]
+    assert f.evidence["rule"] == "reasoning_budget" and f.detected_at.timestamp() == t
+    assert kinds(run([*evs, cut(32_200)])) == ["runaway_reasoning"]  # a few answer tokens
+    assert kinds(run([*evs, cut(30_000)])) == []
+    # at a share of 0.9 (the default before 2026-12-07) it was reported
+    loose = Engine(DetectorConfig.from_dict(
+        {"runaway_reasoning": {"length_reasoning_share": 0.9}}))
+    assert kinds(run([*evs, cut(30_000)], loose)) == ["runaway_reasoning"]
 
 
 def test_retry_storm_fires_fast_and_blocks():
