@@ -510,7 +510,7 @@ class Engine:
               summary: str, evidence: dict[str, Any], quiet_s: float,
               reopen_s: float = 0.0, reopen_ratio: float = 0.0,
               regrow_ratio: float = 0.0, regrow_after_s: float = 0.0,
-              size: float = -1.0, part: str = "") -> None:
+              size: float = -1.0, part: str = "", cls: str = "") -> None:
         book = self._book
         ep = book.open.get((kind if not part else f"{kind}|{part}", scope, subject, tenant))
         if (ep is not None and ts - ep.last_touch <= ep.quiet_s and ts - ep.last_touch < 10.0
@@ -526,7 +526,8 @@ class Engine:
                               severity=severity, action=action, summary=summary,
                               evidence=evidence, quiet_s=quiet_s, reopen_s=reopen_s,
                               reopen_ratio=reopen_ratio, regrow_ratio=regrow_ratio,
-                              regrow_after_s=regrow_after_s, size=size, part=part))
+                              regrow_after_s=regrow_after_s, size=size, part=part,
+                              cls=cls))
 
     def _is_open(self, kind: str, scope: str, subject: str, tenant: str, ts: float) -> bool:
         ep = self._book.open.get((kind, scope, subject, tenant))
@@ -1073,7 +1074,8 @@ class Engine:
                              "error": event.error, "failures": f, "calls": n,
                              "window_s": round(ts - t_start, 1), "log10_p": round(lp, 1),
                              "error_class": "upstream" if upstream else "client"},
-                   quiet_s=fsc.quiet_s, reopen_s=fsc.reopen_s, reopen_ratio=fsc.reopen_ratio)
+                   quiet_s=fsc.quiet_s, reopen_s=fsc.reopen_s, reopen_ratio=fsc.reopen_ratio,
+                   cls="upstream" if upstream else "client")
 
     def _model_failing_elsewhere(self, ms: ModelState, consumer: str) -> bool:
         """Do other consumers of this model fail too (an upstream problem)?"""

@@ -14,8 +14,10 @@ down and spikes again to the same level an hour later.  A kind touched with
 within that time at no more than ``reopen_ratio`` x the episode's peak
 reopens it (a new revision, firing again, ``evidence["recurrences"]``
 counted) instead of opening a second episode: the SRE already knows this
-consumer does it.  Bigger than that, at once or as it grows, it is news: a
-new episode (a reopened one that grows past the bar is resolved then).
+consumer does it.  Bigger than that, at a higher severity, or of another
+class of behaviour (``cls``), at once or as it grows, it is news: a new
+episode (a reopened one that grows past the bar or escalates is resolved
+then).
 
 >>> book = EpisodeBook(interval_s=300, growth=1.5)
 >>> [f] = book.touch(kind="retry_storm", scope="consumer", subject="app", tenant="t",
@@ -85,13 +87,14 @@ def dt(ts: float) -> datetime:
 
 
 class Episode(Record):
-    __slots__ = ("action", "baseline", "consumer", "detected_ts", "early_peak", "evidence",
+    __slots__ = ("action", "baseline", "cls", "consumer", "detected_ts", "early_peak", "evidence",
                  "finding_id", "first_ts", "kind", "last_emit_obs", "last_emit_ts", "last_touch",
                  "model", "observed", "peak", "quiet_s", "recurrences", "reopen_base",
                  "reopen_ratio", "reopen_s", "resolved_ts", "revision", "scope", "severity",
                  "size_peak", "subject", "summary", "tenant", "threshold", "touches")
     action: str
     baseline: float
+    cls: str  # the class of behaviour a reopening must share (``cls`` of touch)
     consumer: str | None
     detected_ts: float
     early_peak: float  # the peak of its first regrow_after_s (see EpisodeBook.touch)
@@ -162,7 +165,7 @@ class EpisodeBook:
               action: str, summary: str, evidence: dict[str, Any], quiet_s: float,
               reopen_s: float = 0.0, reopen_ratio: float = 0.0,
               regrow_ratio: float = 0.0, regrow_after_s: float = 0.0,
-              size: float = -1.0, part: str = "") -> list[Finding]:
+              size: float = -1.0, part: str = "", cls: str = "") -> list[Finding]:
         """Open or update an episode; return the findings to emit (a resolution
         of an expired episode under the same key comes first).  A non-empty
         ``part`` keeps separate episodes (and finding ids) for one subject
@@ -172,7 +175,11 @@ class EpisodeBook:
         never).  The reopen tests
         compare ``size`` (>= 0) instead of ``observed``: a kind whose findings
         report values in different units (runaway_reasoning: tokens or
-        seconds, by rule) passes one unit for all of them."""
+        seconds, by rule) passes one unit for all of them.  Only behaviour of
+        the same ``cls`` reopens an episode (failure_spike: upstream or
+        client errors, different causes with different owners), and never at
+        a higher severity or action than the episode had: an escalation is
+        news, at once or once the episode has reopened."""
         key = (kind, scope, subject, tenant) if not part else (f"{kind}|{part}", scope,
                                                                 subject, tenant)
         sz = size if size >= 0.0 else observed
@@ -188,8 +195,12 @@ class EpisodeBook:
             # more than the peak so far)
             out = [self._close(key, ep, now, False)]
             ep = None
-        elif ep is not None and ep.recurrences and sz > ep.reopen_ratio * ep.reopen_base:
-            # it came back, then grew past the bar: news after all.  The
+        elif ep is not None and ep.recurrences and (
+                sz > ep.reopen_ratio * ep.reopen_base
+                or _SEV_RANK[severity] > _SEV_RANK[ep.severity]
+                or _ACT_RANK[action] > _ACT_RANK[ep.action]):
+            # it came back, then grew past the bar or escalated (a runaway
+            # call an hour turning into an attack): news after all.  The
             # reopened episode ends here and a new one opens
             out = [self._close(key, ep, now, False)]
             ep = None
@@ -198,7 +209,10 @@ class EpisodeBook:
             # (episodes restored from before size_peak existed: their peak)
             old_size = getattr(old, "size_peak", old.peak) if old is not None else 0.0
             if (old is not None and now - old.resolved_ts <= old.reopen_s
-                    and sz <= old.reopen_ratio * old_size):
+                    and sz <= old.reopen_ratio * old_size
+                    and getattr(old, "cls", "") == cls
+                    and _SEV_RANK[severity] <= _SEV_RANK[old.severity]
+                    and _ACT_RANK[action] <= _ACT_RANK[old.action]):
                 old.recurrences += 1
                 old.revision += 1
                 old.touches += 1
@@ -223,6 +237,7 @@ class EpisodeBook:
             ep.touches = 1
             ep.peak = ep.early_peak = observed
             ep.size_peak = sz
+            ep.cls = cls
             ep.recurrences = 0
             ep.reopen_base = 0.0
             ep.reopen_s, ep.reopen_ratio = reopen_s, reopen_ratio

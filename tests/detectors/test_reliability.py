@@ -474,6 +474,26 @@ def test_a_failure_spike_that_comes_back_reopens_its_finding():
     assert len(first(run(evs, off), "failure_spike")) == 2
 
 
+def test_client_errors_after_an_upstream_failure_spike_are_a_new_finding():
+    # the same consumer: 503s on 60 % of calls for 10 minutes, 15 quiet
+    # minutes, then its key revoked (401 on 60 %): the provider's incident
+    # and the consumer's own are two findings, each naming its error class.
+    # A second spell of 503s instead reopens the first (test above)
+    rng = random.Random(22)
+    evs = traffic("two", T0, T0 + 4 * 3600, 6.0, rng, err=0.01)
+    t1 = T0 + 2 * 3600
+    spells = [(t1, t1 + 600, 503, "upstream_5xx"), (t1 + 1500, t1 + 2100, 401, "auth_error")]
+    for d in evs:
+        ts = UsageEvent.model_validate(d).ts.timestamp()
+        for a, b, status, err in spells:
+            if a <= ts < b and rng.random() < 0.6:
+                d.update(status=status, error=err, output_tokens=0, finish_reason="error")
+    opened = first(run(evs), "failure_spike")
+    assert [f.evidence["error_class"] for f in opened] == ["upstream", "client"], [
+        f.summary for f in opened]
+    assert t1 + 1500 <= opened[1].detected_at.timestamp() < t1 + 1620
+
+
 def test_baseline_failures_do_not_fire_across_many_consumers():
     rng = random.Random(4)
     evs: list[dict] = []
@@ -591,6 +611,28 @@ def test_a_consumer_whose_calls_run_away_every_hour_has_one_finding():
     # without reopening, each call is a finding of its own
     off = findings(DetectorConfig.from_dict({"runaway_reasoning": {"reopen_s": 0}}))
     assert len({f.finding_id for f in off}) == 4
+
+
+def test_an_attack_after_an_hourly_runaway_is_a_new_finding():
+    """A consumer's runaway call, then 90 minutes later another (it reopens
+    the first finding), then three more within ten minutes: an attack on a
+    reasoning model, critical, is a finding of its own, not a revision of
+    the reopened warning."""
+    rng = random.Random(13)
+    evs = traffic("atk", T0, T0 + 3600, 20.0, rng, model="o3-mini", reasoning_tokens=500,
+                  output_tokens=700)
+    t = T0 + 3700
+    times = [t, t + 5400, t + 6000, t + 6300, t + 6600]
+    evs += [event(20_000 + k, s, "atk", "o3-mini", reasoning_tokens=20_000,
+                  output_tokens=20_300, latency_ms=200_000, request_hash=f"a{k}")
+            for k, s in enumerate(times)]
+    fs = [f for f in run(evs) if f.kind == "runaway_reasoning" and f.status == "firing"]
+    opened = [f for f in fs if f.revision == 0]
+    assert [f.severity for f in opened] == ["warning", "critical"], [f.summary for f in fs]
+    assert opened[1].detected_at.timestamp() == pytest.approx(times[3])
+    # the second call did reopen the first finding
+    assert any(f.finding_id == opened[0].finding_id and f.evidence.get("recurrences") == 1
+               for f in fs)
 
 
 def test_runaway_calls_on_two_models_of_one_consumer_are_two_findings():
