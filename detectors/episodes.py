@@ -52,6 +52,16 @@ A burst that comes back (``reopen_s``) reopens its episode, a bigger one does no
 >>> [r.revision for r in book.touch(now=3000.0, first_ts=3000.0, observed=60, **kw)]
 [0]
 
+Only behaviour of the same class reopens (a consumer's revoked key after
+the provider's 5xx):
+
+>>> kw3 = dict(kw, kind="failure_spike", subject="fs", consumer="fs")
+>>> [f] = book.touch(now=0.0, first_ts=0.0, observed=0.5, cls="upstream", **kw3)
+>>> _ = book.resolve_due(100.0)
+>>> [(r.finding_id == f.finding_id, r.revision)
+...  for r in book.touch(now=200.0, first_ts=200.0, observed=0.5, cls="client", **kw3)]
+[(False, 0)]
+
 A long episode that rises far past the peak of its first
 ``regrow_after_s`` (``regrow_ratio``; checked once it is that old) ends,
 and the rise is a finding of its own:
