@@ -512,7 +512,7 @@ class Engine:
               regrow_ratio: float = 0.0, regrow_after_s: float = 0.0,
               size: float = -1.0, part: str = "", cls: str = "") -> None:
         book = self._book
-        ep = book.open.get((kind if not part else f"{kind}|{part}", scope, subject, tenant))
+        ep = book.open.get(book.key(kind, scope, subject, tenant, part))
         if (ep is not None and ts - ep.last_touch <= ep.quiet_s and ts - ep.last_touch < 10.0
                 and observed < book.growth * ep.last_emit_obs and severity == ep.severity
                 and action == ep.action):

@@ -166,6 +166,12 @@ class EpisodeBook:
         self.interval_s = interval_s
         self.growth = growth
 
+    @staticmethod
+    def key(kind: str, scope: str, subject: str, tenant: str,
+            part: str = "") -> tuple[str, str, str, str]:
+        """The key of an episode (a kind kept in parts: "kind|part")."""
+        return (kind if not part else f"{kind}|{part}", scope, subject, tenant)
+
     def get(self, kind: str, scope: str, subject: str, tenant: str) -> Episode | None:
         return self.open.get((kind, scope, subject, tenant))
 
@@ -190,8 +196,7 @@ class EpisodeBook:
         client errors, different causes with different owners), and never at
         a higher severity or action than the episode had: an escalation is
         news, at once or once the episode has reopened."""
-        key = (kind, scope, subject, tenant) if not part else (f"{kind}|{part}", scope,
-                                                                subject, tenant)
+        key = self.key(kind, scope, subject, tenant, part)
         sz = size if size >= 0.0 else observed
         ep = self.open.get(key)
         out: list[Finding] = []

@@ -29,6 +29,22 @@ def event(i: int, t: float, consumer: str, model: str = "gpt-4o", **kw: Any) -> 
     return d
 
 
+def thinking_calls(rng: random.Random, consumer: str, model: str, median: float, n: int,
+                   gap: float, answer: int, ms_per_token: float, base_ms: float = 0.0,
+                   tag: str = "", **kw: Any) -> list[dict[str, Any]]:
+    """``n`` calls every ``gap`` s from T0 whose reasoning tokens are
+    log-normal around ``median`` (sd 0.35 in log space), each answering in
+    ``answer`` more output tokens and lasting ``base_ms`` + ``ms_per_token``
+    per reasoning token."""
+    out = []
+    for k in range(n):
+        rsn = int(rng.lognormvariate(math.log(median), 0.35))
+        out.append(event(k, T0 + gap * k, consumer, model, reasoning_tokens=rsn,
+                         output_tokens=rsn + answer, latency_ms=base_ms + ms_per_token * rsn,
+                         request_hash=f"{tag or consumer}{k}", **kw))
+    return out
+
+
 class Synth:
     def __init__(self, seed: int = 0, hours: float = 3.0, consumers: int = 50,
                  anomalies: bool = True) -> None:

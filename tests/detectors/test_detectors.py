@@ -13,7 +13,7 @@ from detectors.scoring import format_report, score
 from ingest.event import UsageEvent
 
 from .extreme import extreme_events
-from .synth import T0, Synth, event, iso
+from .synth import T0, Synth, event, iso, thinking_calls
 
 
 def run(evs: list[dict], eng: Engine | None = None) -> list[Finding]:
@@ -172,13 +172,8 @@ def test_the_reasoning_budget_guardrail_needs_the_limit_hit_while_thinking():
     # hit its reasoning budget; one that thought 30k (6x its typical) and was
     # cut off 2.7k tokens into its answer is a long answer, not runaway
     # reasoning, and below every other rule
-    rng = random.Random(4)
-    evs = []
-    for k in range(300):
-        rsn = int(rng.lognormvariate(math.log(5000), 0.35))
-        evs.append(event(k, T0 + 12 * k, "hv", "deepseek-reasoner", reasoning_tokens=rsn,
-                         output_tokens=rsn + 600, latency_ms=30 * rsn,
-                         max_output_tokens=32_768, request_hash=f"hv{k}"))
+    evs = thinking_calls(random.Random(4), "hv", "deepseek-reasoner", 5000, 300, 12, 600, 30,
+                         max_output_tokens=32_768)
     t = T0 + 12 * 300 + 5
 
     def cut(rsn: int) -> dict:

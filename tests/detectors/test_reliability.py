@@ -13,7 +13,7 @@ from detectors.reliability import FailWindow, HashWindow, log10_binom_tail
 from ingest.event import UsageEvent
 
 from .drive import first, run
-from .synth import T0, event
+from .synth import T0, event, thinking_calls
 
 
 def traffic(consumer: str, start: float, end: float, gap: float, rng: random.Random,
@@ -713,13 +713,8 @@ def test_a_call_between_the_learning_and_the_reporting_bar_is_neither():
     # a call between its 5 sd and 6 sd limits (and past every other bar) is
     # not reported at the default z = 6, and is kept out of the baselines
     # (learn_z = 5) as a reported one would be; with z = 5 it is reported
-    rng = random.Random(21)
-    evs = []
-    for k in range(300):
-        n = int(rng.lognormvariate(math.log(800), 0.35))
-        evs.append(event(k, T0 + 20 * k, "mid", "o3-mini", reasoning_tokens=n,
-                         output_tokens=n + 200, latency_ms=1000 + 10 * n,
-                         request_hash=f"m{k}"))
+    evs = thinking_calls(random.Random(21), "mid", "o3-mini", 800, 300, 20, 200, 10,
+                         base_ms=1000, tag="m")
     eng = Engine()
     run(evs, eng)
     b = eng._consumers["mid"].model_baseline("o3-mini")
