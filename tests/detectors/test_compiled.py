@@ -281,3 +281,20 @@ def _main(argv: list[str]) -> int:
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     raise SystemExit(_main(sys.argv[1:]))
+
+
+def test_the_detectors_docstring_examples_run_on_the_sources():
+    """With a fresh compiled build, ``--doctest-modules`` imports the
+    compiled modules and finds no examples in them, so the suite alone would
+    skip the docstring examples of every compiled module (episodes, volume,
+    reliability, ...).  They run here on the sources, in an interpreter of
+    their own."""
+    r = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider",
+                        "--doctest-modules", "detectors"], cwd=ROOT, env=_env(pure=True),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    # each compiled module's examples ran (a module no longer searched would
+    # otherwise pass unnoticed)
+    for module in ("baselines", "engine", "episodes", "record", "reliability", "state",
+                   "volume"):
+        assert f"detectors/{module}.py::" in r.stdout and " PASSED" in r.stdout, module
