@@ -70,6 +70,7 @@ EVICT_SWEEP_S: Final = 600.0
 LEARN_SAMPLE: Final = 4  # settled (consumer, model) call-size baselines learn from 1 call in 4
 MODEL_SAMPLE: Final = 4  # model-wide call-size baselines learn from one call in this many
 PRIOR_RUN_HI: Final = 30.0  # calls in a long normal agent run (tau-bench: 0-27 tool calls)
+_LN2: Final = math.log(2.0)  # the call-size rule clips a learnt minute to within 2x of the usual
 # the config and values derived from it
 _NOT_SNAPSHOT: Final = frozenset(("config", "_model_half", "_hots"))
 _NO_RUNS: Final = LogBaseline()  # the run-length baseline of a consumer without completed runs
@@ -733,25 +734,38 @@ class Engine:
         calls, and the 5 min window's tokens (trimmed) at
         ``size_volume_ratio`` x its EW mean and above ``min_tokens_per_min``,
         the bigger prompts making at least half of the rise.
-        The usual size is an EW over minutes (``halflife_min``), learnt from
-        minutes not far above it while no token_spike is open; a mean of
-        several call sizes varies far less than a bursty call rate, so this
-        shape is caught sooner and smaller than by the rate windows."""
+        The usual size is the mean over the first ``size_warmup_min`` minutes
+        with calls, then an EW over minutes (``halflife_min``) while no
+        token_spike is open: a minute at the rule's ratio teaches nothing, and
+        the others count clipped to within 2x of the usual (symmetric, so the
+        usual neither drifts nor follows a ramp).  A mean of several call
+        sizes varies far less than a bursty call rate, so this shape is
+        caught sooner and smaller than by the rate windows."""
         tc = cs.cfg.token_spike
         k = cs.sz_mn
         g = 0.8 ** (gap + 1)
         cs.sz_fsum = cs.sz_fsum * g + cs.sz_msum
         cs.sz_fn = cs.sz_fn * g + k
         ml = cs.sz_msum / k if k > 0 else 0.0
+        lr = math.log(tc.size_ratio)
         if k > 0:
-            if cs.sz_n == 0:
-                cs.sz_mean, cs.sz_var, cs.sz_n = ml, max(cs.sz_msq / k - ml * ml, 0.0), 1.0
-            elif learn and ml - cs.sz_mean < math.log(2.0):
-                a = self._alpha(tc.halflife_min)
-                m = cs.sz_mean + a * (ml - cs.sz_mean)
-                var = max(cs.sz_msq / k - 2.0 * m * ml + m * m, 0.0)  # mean of (x - m)^2
-                cs.sz_mean, cs.sz_n = m, cs.sz_n + 1.0
+            n = cs.sz_n
+            dev = ml - cs.sz_mean
+            # Every warm-up minute counts, unclipped: gated from the start,
+            # a first minute of small prompts set a usual that each later
+            # minute was more than 2x above, so none taught it and the rule
+            # never left its warm-up (simulator: a x20 ramp of prompts missed)
+            if n < tc.size_warmup_min or (learn and dev < lr):
+                if n < tc.size_warmup_min:
+                    a = 1.0 / (n + 1.0)
+                else:
+                    a = self._alpha(tc.halflife_min)
+                    dev = -_LN2 if dev < -_LN2 else (_LN2 if dev > _LN2 else dev)
+                # per call: the spread within the minute and the minute's (clipped) offset
+                var = max(cs.sz_msq / k - ml * ml, 0.0) + (dev * dev if n > 0 else 0.0)
+                cs.sz_mean += a * dev
                 cs.sz_var += a * (var - cs.sz_var)
+                cs.sz_n = n + 1.0
             cs.sz_msum = cs.sz_msq = cs.sz_mn = 0.0
         fc = cs.sz_fn
         # a minute closed this late (the consumer fell silent) is over: any
@@ -762,7 +776,6 @@ class Engine:
             return
         # the last ~5 minutes, or (a busy consumer) the minute just closed alone
         sd = max(math.sqrt(cs.sz_var), 0.25)
-        lr = math.log(tc.size_ratio)
         fast = cs.sz_fsum / fc
         d = fast - cs.sz_mean
         if k == 0 or ml - cs.sz_mean < 0.5 * lr:
@@ -1009,17 +1022,28 @@ class Engine:
         # upstream ones, which made a burst of 4xx look retryable
         if jump and w is not None and w.size and w.recent_client_share(ts, 60.0) >= 0.5:
             jump = False
-        if hot.rs_enabled and warm_rate and jump and not outage:
+        # into an open upstream outage the failures are the upstream's, not
+        # the jump: twice the bar, and an alert, not a block (as the
+        # same-request rule).  Silenced there, a consumer's clients hammering
+        # a failing model went unreported until the outage's finding closed
+        # (simulator: 5-10x the calls from the outage's 12th minute, found
+        # 11 minutes later)
+        if (hot.rs_enabled and warm_rate and jump
+                and (not outage or rate_now >= 2.0 * rate_thr)):
             rsc = cs.cfg.retry_storm
             self._fire(out, kind="retry_storm", scope="consumer", subject=cs.key,
                        tenant=cs.tenant, consumer=cs.key, model=model, ts=ts, first_ts=ts - 30,
-                       observed=rate_now, baseline=cpm_mean, threshold=rate_thr,
-                       severity="critical", action="block",
+                       observed=rate_now, baseline=cpm_mean,
+                       threshold=2.0 * rate_thr if outage else rate_thr,
+                       severity="warning" if outage else "critical",
+                       action="alert" if outage else "block",
                        summary=(f"{cs.key}: {rate_now:.0f} calls/min vs a baseline of "
-                                f"{cpm_mean:.1f}, {100 * fail_share:.0f}% failing"),
+                                f"{cpm_mean:.1f}, {100 * fail_share:.0f}% failing"
+                                + (f", into an upstream outage of {model}" if outage else "")),
                        evidence={"rule": "rate_jump", "event_id": event.event_id,
                                  "error": event.error, "status": event.status,
-                                 "fail_share": round(fail_share, 3)},
+                                 "fail_share": round(fail_share, 3),
+                                 "upstream_outage": outage},
                        quiet_s=rsc.quiet_s, reopen_s=rsc.reopen_s,
                        reopen_ratio=rsc.reopen_ratio)
             return

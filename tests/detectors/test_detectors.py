@@ -301,6 +301,33 @@ def test_prompts_suddenly_bigger_at_the_usual_rate_is_a_token_spike():
         "baseline_input_tokens_per_call"]
 
 
+def test_a_first_minute_of_small_prompts_does_not_stall_the_call_size_baseline():
+    """The consumer's first minute has prompts of ~600 tokens, every later
+    one ~2k.  The usual size must still form (every warm-up minute counts):
+    gated from the first minute on, no later minute taught it (each was more
+    than 2x above), the rule never left its warm-up and missed prompts grown
+    10x an hour later."""
+    import random
+    rng = random.Random(11)
+    evs = [event(i, T0 + 10 * i, "f", input_tokens=int(rng.lognormvariate(6.4, 0.3)),
+                 request_hash=f"f{i}") for i in range(6)]
+    t = T0 + 60
+    for i in range(6, 906):
+        t += rng.expovariate(1 / 6.0)
+        evs.append(event(i, t, "f", input_tokens=int(rng.lognormvariate(7.6, 0.9)),
+                         request_hash=f"f{i}"))
+    assert "token_spike" not in kinds(run(evs))
+    t0 = t
+    for i in range(906, 966):
+        t += rng.expovariate(1 / 6.0)
+        evs.append(event(i, t, "f", input_tokens=int(10 * rng.lognormvariate(7.6, 0.9)),
+                         request_hash=f"f{i}"))
+    fs = call_size_only(evs)
+    assert fs[0].detected_at.timestamp() - t0 <= 180
+    # the usual it was measured against is the later minutes' (~2k), not the first's
+    assert 1200 < fs[0].evidence["baseline_input_tokens_per_call"] < 3500
+
+
 def test_bigger_prompts_in_a_chat_apps_conversations_are_a_token_spike():
     """Every call a turn of one of 60 conversations: the call-size rule
     counts each turn (the rate windows count a conversation once)."""

@@ -557,6 +557,36 @@ def test_upstream_outage_is_model_scope_and_never_blocks():
     assert storm.severity == "warning" and storm.action == "alert"
 
 
+def test_a_rate_jump_into_an_upstream_outage_is_a_storm_alert():
+    """During a model's outage one consumer's clients jump to ~15x their
+    calls, nearly all failing: a retry storm (the outage explains the
+    failures, not the jump), reported at once as an alert, never a block;
+    the other consumers, failing at their usual rate, are no storm."""
+    rng = random.Random(7)
+    evs: list[dict] = []
+    for c in range(8):
+        evs += traffic(f"o{c}", T0, T0 + 5400, 4.0 + c, rng, err=0.01, model="gpt-4o-mini")
+    t = T0 + 3600
+    for d in evs:
+        ts = UsageEvent.model_validate(d).ts.timestamp()
+        if t <= ts < t + 600 and rng.random() < 0.8:
+            d.update(status=503, error="upstream_5xx", output_tokens=0)
+    jump = t + 200
+    for k in range(360):  # o3 (about 8 calls a minute): 120 a minute of new requests
+        d = event(40_000 + k, jump + 0.5 * k, "o3", "gpt-4o-mini", request_hash=f"j{k}")
+        if rng.random() < 0.9:
+            d.update(status=503, error="upstream_5xx", output_tokens=0)
+        evs.append(d)
+    fs = [f for f in run(evs) if f.revision == 0]
+    assert [f for f in fs if f.kind == "failure_spike" and f.scope == "model"]
+    [storm] = [f for f in fs if f.kind == "retry_storm"]
+    assert storm.consumer == "o3" and storm.evidence["rule"] == "rate_jump"
+    assert storm.evidence["upstream_outage"] is True
+    assert storm.severity == "warning" and storm.action == "alert"
+    assert storm.detected_at.timestamp() - jump <= 60
+    assert all(f.action != "block" for f in fs), [f.summary for f in fs]
+
+
 # ----------------------------------------------------------- runaway_reasoning
 def test_slow_call_with_little_thinking_is_not_runaway():
     rng = random.Random(8)
