@@ -736,9 +736,9 @@ class Engine:
         the bigger prompts making at least half of the rise.
         The usual size is the mean over the first ``size_warmup_min`` minutes
         with calls, then an EW over minutes (``halflife_min``) while no
-        token_spike is open: a minute at the rule's ratio teaches nothing, and
-        the others count clipped to within 2x of the usual (symmetric, so the
-        usual neither drifts nor follows a ramp).  A mean of several call
+        token_spike is open, each minute clipped to within 2x of the usual
+        (symmetric, so the usual neither drifts nor follows a ramp, and
+        bigger prompts that last are learnt, slowly).  A mean of several call
         sizes varies far less than a bursty call rate, so this shape is
         caught sooner and smaller than by the rate windows."""
         tc = cs.cfg.token_spike
@@ -754,8 +754,13 @@ class Engine:
             # Every warm-up minute counts, unclipped: gated from the start,
             # a first minute of small prompts set a usual that each later
             # minute was more than 2x above, so none taught it and the rule
-            # never left its warm-up (simulator: a x20 ramp of prompts missed)
-            if n < tc.size_warmup_min or (learn and dev < lr):
+            # never left its warm-up (simulator: a x20 ramp of prompts missed).
+            # After it, every minute while no token_spike is open, clipped:
+            # an anomaly's pull is bounded, and prompts that stay bigger
+            # become the usual once their finding has closed (kept out for
+            # good, they left the old usual in place, and any later burst of
+            # calls was "prompts 9x bigger than usual")
+            if n < tc.size_warmup_min or learn:
                 if n < tc.size_warmup_min:
                     a = 1.0 / (n + 1.0)
                 else:

@@ -328,6 +328,36 @@ def test_a_first_minute_of_small_prompts_does_not_stall_the_call_size_baseline()
     assert 1200 < fs[0].evidence["baseline_input_tokens_per_call"] < 3500
 
 
+def test_prompts_that_stay_bigger_become_the_usual_size():
+    """Prompts 10x bigger from hour 3 on, for good (a new feature): one
+    finding.  Once it is accepted (no finding open, two hours on) the usual
+    size follows the new level, each minute's pull bounded, so that five
+    hours later a burst of 3.8x the calls at the new size is no "prompts 10x
+    bigger than usual" finding.  Kept out of the usual for good, minutes
+    at the rule's ratio had left it at the old size forever."""
+    import random
+    rng = random.Random(21)
+    evs = []
+    t = T0
+    i = 0
+    while t < T0 + 8 * 3600:
+        t += rng.expovariate(1 / 6.0)
+        grow = 10 if t >= T0 + 3 * 3600 else 1
+        evs.append(event(i, t, "nf", input_tokens=int(grow * rng.lognormvariate(7.6, 0.9)),
+                         request_hash=f"nf{i}"))
+        i += 1
+    burst = t
+    for k in range(228):  # 6 minutes at 3.8x the calls (38 a minute instead of 10)
+        evs.append(event(i, burst + 60 + 360 * k / 228,
+                         "nf", input_tokens=int(10 * rng.lognormvariate(7.6, 0.9)),
+                         request_hash=f"nf{i}"))
+        i += 1
+    fs = [f for f in run(evs) if f.kind == "token_spike" and f.revision == 0]
+    assert fs and fs[0].detected_at.timestamp() - (T0 + 3 * 3600) <= 300
+    late = [f for f in fs if f.detected_at.timestamp() >= T0 + 6 * 3600]
+    assert not late, [f.summary for f in late]
+
+
 def test_bigger_prompts_in_a_chat_apps_conversations_are_a_token_spike():
     """Every call a turn of one of 60 conversations: the call-size rule
     counts each turn (the rate windows count a conversation once)."""
