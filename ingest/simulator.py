@@ -935,6 +935,11 @@ class Simulation:
                 if vm is not None:
                     self._count_victim(vm, t, ev)
                 lab = r.ep
+                if lab is not None and not ok and lab.kind == "runaway_reasoning":
+                    # an outage of its model failed the call (runaway calls
+                    # are spared background errors): it thought nothing, so
+                    # no detector can see it, and it is no part of the label
+                    lab = None
                 if lab is not None:
                     if not lab.n:
                         lab.first = t

@@ -163,3 +163,29 @@ def test_throughput() -> None:
     n = sum(1 for _ in simulate(cfg))
     dt = time.perf_counter() - t0
     print(f"\nsimulator: {n} events in {dt:.2f} s = {n / dt:,.0f} events/s")
+
+
+def test_a_runaway_call_failed_by_an_outage_is_not_labelled() -> None:
+    """Runaway and outage scenarios together: a labelled runaway call that an
+    outage of its model failed (no tokens, a few seconds) was a label no
+    detector could see.  Such calls stay in the traffic, unlabelled; every
+    labelled runaway call is answered."""
+    sim = Simulation(SimConfig(seed=2, duration_s=3 * 3600, n_consumers=40,
+                               scenarios=("runaway_reasoning", "failure_spike_model"),
+                               episodes_per_kind=12))
+    events = list(sim.events())
+    kinds = {lab["label_id"]: lab["kind"] for lab in sim.labels}
+    runaway = [e for e in events
+               if kinds.get(sim.anomalous_events.get(e["event_id"], "")) == "runaway_reasoning"]
+    assert runaway
+    assert all(e["status"] == 200 and e["reasoning_tokens"] >= 15_000 for e in runaway)
+    # the case is there: big reasoning calls failed during an outage of their model
+    outages = [lab for lab in sim.labels if lab["scope"] == "model"]
+    failed = [e for e in events if e["status"] != 200 and e["model"] in {
+        lab["subject"] for lab in outages} and e["event_id"] not in sim.anomalous_events
+        and e["model"] in ("o3-mini", "o4-mini", "deepseek-reasoner")]
+    assert failed
+    for lab in sim.labels:
+        if lab["kind"] == "runaway_reasoning":
+            assert lab["n_events"] == sum(
+                1 for e in runaway if sim.anomalous_events[e["event_id"]] == lab["label_id"])
