@@ -760,8 +760,9 @@ class Engine:
             # become the usual once their finding has closed (kept out for
             # good, they left the old usual in place, and any later burst of
             # calls was "prompts 9x bigger than usual")
-            if n < tc.size_warmup_min or learn:
-                if n < tc.size_warmup_min:
+            warming = n < tc.size_warmup_min
+            if warming or learn:
+                if warming:
                     a = 1.0 / (n + 1.0)
                 else:
                     a = self._alpha(tc.halflife_min)

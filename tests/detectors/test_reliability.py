@@ -532,8 +532,10 @@ def test_busy_consumer_failure_spike_is_fast():
     assert fs and fs[0].detected_at.timestamp() - t <= 30 and fs[0].action == "alert"
 
 
-def test_upstream_outage_is_model_scope_and_never_blocks():
-    rng = random.Random(7)
+def outage(rng: random.Random) -> tuple[list[dict], float]:
+    """Eight consumers of gpt-4o-mini (o0-o7, a call every 4-11 s) for 90
+    minutes, 80 % of their calls failing with 503 for the 10 minutes from the
+    returned time on."""
     evs: list[dict] = []
     for c in range(8):
         evs += traffic(f"o{c}", T0, T0 + 5400, 4.0 + c, rng, err=0.01, model="gpt-4o-mini")
@@ -542,6 +544,12 @@ def test_upstream_outage_is_model_scope_and_never_blocks():
         ts = UsageEvent.model_validate(d).ts.timestamp()
         if t <= ts < t + 600 and rng.random() < 0.8:
             d.update(status=503, error="upstream_5xx", output_tokens=0)
+    return evs, t
+
+
+def test_upstream_outage_is_model_scope_and_never_blocks():
+    rng = random.Random(7)
+    evs, t = outage(rng)
     # clients retrying into the outage: same hash a few times
     evs += [event(30_000 + k, t + 100 + 2 * k, "o1", "gpt-4o-mini", request_hash="r",
                   status=503, error="upstream_5xx") for k in range(12)]
@@ -563,14 +571,7 @@ def test_a_rate_jump_into_an_upstream_outage_is_a_storm_alert():
     failures, not the jump), reported at once as an alert, never a block;
     the other consumers, failing at their usual rate, are no storm."""
     rng = random.Random(7)
-    evs: list[dict] = []
-    for c in range(8):
-        evs += traffic(f"o{c}", T0, T0 + 5400, 4.0 + c, rng, err=0.01, model="gpt-4o-mini")
-    t = T0 + 3600
-    for d in evs:
-        ts = UsageEvent.model_validate(d).ts.timestamp()
-        if t <= ts < t + 600 and rng.random() < 0.8:
-            d.update(status=503, error="upstream_5xx", output_tokens=0)
+    evs, t = outage(rng)
     jump = t + 200
     for k in range(360):  # o3 (about 8 calls a minute): 120 a minute of new requests
         d = event(40_000 + k, jump + 0.5 * k, "o3", "gpt-4o-mini", request_hash=f"j{k}")
