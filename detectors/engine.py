@@ -49,6 +49,7 @@ from .state import (
 from .volume import (
     BUCKET_S,
     NB,
+    NM,
 )
 
 # 2: ConsumerState is its Volume; 3: failed first sightings keep their time;
@@ -162,6 +163,17 @@ class Engine:
         self._next_tick = -INF
         self._next_sweep = -INF
         self._next_evict = -INF
+        # event-time minute timers: consumers whose current minute (``cs.m``)
+        # is to be closed when the clock passes its end, by minute.  A
+        # consumer's minute used to close at its own next call, so a spike
+        # whose consumer then fell silent had its last 5 min windows tested
+        # only when it came back, hours later and at that time (held-out seed
+        # 25: a model switch's last window reported 2.4 h after it ended, as
+        # a new finding); now it closes as the clock passes, stamped at the
+        # minute's end, whichever consumer's call moved the clock
+        self._due: dict[int, list[str]] = {}
+        self._due_min = 0  # the earliest minute in _due (when it is not empty)
+        self._due_at = INF  # the end of that minute: the next timer
         self._alphas: dict[float, float] = {}
         self._cache_config()
 
@@ -194,11 +206,14 @@ class Engine:
         out: list[Finding] = []
         if ts > self._now:
             self._now = ts
+            if ts >= self._due_at:
+                self._close_due(ts, out)
             if ts >= self._next_tick:
                 out.extend(self._tick(ts))
         cs = self._consumers.get(ev["consumer"])
         if cs is None:
             cs = self._new_consumer(event, ts)
+            self._due_add(cs.key, cs.m)
         hot = cs.hot
         status: int = ev["status"]
         failed = status == 0 or status >= 400 or ev["finish_reason"] == "error"
@@ -212,6 +227,7 @@ class Engine:
         # test, exactly, without a float floor division on every event)
         if ts >= (cs.m + 1) * 60.0:
             self._close_minutes(cs, int(ts // 60), ts, out)
+            self._due_add(cs.key, cs.m)
         cs.m_tok += tokens
         if cost:  # adding 0.0 changes nothing
             cs.m_cost += cost
@@ -385,7 +401,11 @@ class Engine:
         ts = now.timestamp()
         if ts > self._now:
             self._now = ts
-        return self._tick(self._now, force=True)
+        out: list[Finding] = []
+        if self._now >= self._due_at:
+            self._close_due(self._now, out)
+        out.extend(self._tick(self._now, force=True))
+        return out
 
     def snapshot(self) -> bytes:
         """The full state, as bytes (pickle; river is pinned)."""
@@ -535,6 +555,49 @@ class Engine:
         return ep is not None and ts - ep.last_touch <= ep.quiet_s
 
     # ------------------------------------------------------------- minutes
+    def _due_add(self, key: str, m: int) -> None:
+        """Close the consumer's minute ``m`` when the clock passes its end."""
+        lst = self._due.get(m)
+        if lst is None:
+            self._due[m] = [key]
+            if m < self._due_min or self._due_at == INF:
+                self._due_min = m
+                self._due_at = (m + 1) * 60.0
+        else:
+            lst.append(key)
+
+    def _close_due(self, now: float, out: list[Finding]) -> None:
+        """Close every registered minute that ended by ``now``, oldest first,
+        each at its end: the consumer's 5 min windows, call sizes and call
+        rate as they stood then.  A consumer stays registered, one minute at
+        a time, while its 5 min window still holds a minute with calls; after
+        that its silent minutes are filled in when it calls again (as zeros
+        that no window tests, as before)."""
+        due = self._due
+        m = self._due_min
+        while due and (m + 1) * 60.0 <= now:
+            keys = due.pop(m, None)
+            if keys is not None:
+                end = (m + 1) * 60.0
+                for key in keys:
+                    cs = self._consumers.get(key)
+                    if cs is None or cs.m != m:
+                        continue  # it called since (its own call closed the minute), or evicted
+                    self._close_minutes(cs, m + 1, end, out)
+                    if m + 1 - int(cs.last_ts // 60.0) < NM:
+                        lst = due.get(m + 1)
+                        if lst is None:
+                            due[m + 1] = [key]
+                        else:
+                            lst.append(key)
+            m += 1
+        if due:
+            m = min(due)  # (a few keys: the minutes of the last five)
+            self._due_min = m
+            self._due_at = (m + 1) * 60.0
+        else:
+            self._due_at = INF
+
     def _close_minutes(self, cs: ConsumerState, m: int, ts: float, out: list[Finding]) -> None:
         """Close the consumer's current minute (and the empty minutes after it):
         the 5 min token / cost windows are tested and learnt from, and the

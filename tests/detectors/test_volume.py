@@ -80,6 +80,30 @@ def test_a_step_under_the_60s_bar_is_seen_after_two_whole_minutes():
     assert g.detected_at.timestamp() - t >= 200
 
 
+def test_a_spike_whose_consumer_falls_silent_is_judged_as_its_minutes_end():
+    # steady calls for 3 h, then three minutes of prompts 15x bigger (six calls
+    # a minute: under the 60 s window's 8, so only the 5 min window can see
+    # it, two windows in a row), then silence for 3 h while another
+    # consumer's calls move the clock.  The spike's last window is tested as
+    # its minute ends, not when the consumer calls again: its minute used to
+    # close at its next call, and the finding came 3 h late, at that call
+    evs = [event(k, T0 + 10.0 * k, "c", input_tokens=2000, output_tokens=250,
+                 request_hash=f"n{k}") for k in range(6 * 180)]
+    t = T0 + 180 * 60
+    evs += [event(10_000 + k, t + 10.0 * k + 1.0, "c", input_tokens=30_000, output_tokens=250,
+                  request_hash=f"s{k}") for k in range(18)]
+    back = t + 3 * 3600
+    evs += [event(20_000 + k, back + 10.0 * k, "c", input_tokens=2000, output_tokens=250,
+                  request_hash=f"b{k}") for k in range(60)]
+    evs += [event(30_000 + k, T0 + 10.0 * k + 5.0, "clock", input_tokens=100, output_tokens=10,
+                  request_hash=f"k{k}") for k in range(int((back - T0) / 10) + 60)]
+    fs = [f for f in run(evs) if f.consumer == "c"]
+    [f] = first(fs, "token_spike")
+    assert f.evidence["rule"] == "window_5m"
+    assert f.detected_at.timestamp() == t + 180  # the end of the spike's third minute
+    assert all(g.detected_at.timestamp() < back for g in fs)
+
+
 def test_one_giant_call_or_one_agent_run_is_not_a_token_spike():
     evs = bursty("g", 180)
     t = T0 + 180 * 60
