@@ -301,6 +301,12 @@ class CostSpikeConfig:
     price_ratio: float = 1.5
     price_jump: float = 4.0  # at this many times the baseline cost per token ...
     price_jump_volume_ratio: float = 3.0  # ... the 60 s cost need only be this x its mean
+    # ... and the price (trimmed 60 s window) this many times the consumer's
+    # recent high price of a minute (minutes of min_calls calls or more): a
+    # consumer mixing a cheap model and a dear one pays 5-15x its mean price
+    # in some minutes; on fresh held-out seeds such minutes were 7 of 11
+    # false cost spikes.  0 disables
+    price_high_ratio: float = 1.5
     quiet_s: float = 300.0
     reopen_s: float = 7200.0  # as token_spike's
     reopen_ratio: float = 2.0
@@ -501,7 +507,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "persist_windows": (lambda x: x >= 2, "must be >= 2 (one window is a burst)"),
     "reopen_s": (lambda x: x >= 0, "must be >= 0 (0: an episode never reopens)"),
     "min_window_s": (lambda x: x >= 0, "must be >= 0 (0: windows of any length are tested)"),
-    "reopen_ratio": _NONNEG,
+    "reopen_ratio": _NONNEG, "price_high_ratio": _NONNEG,
     "regrow_ratio": (lambda x: x == 0 or x > 1, "must be 0 (disabled) or > 1"),
     # with no calls of its own a baseline's largest call is 0: every call
     # past min_tokens would be "25x" it

@@ -615,7 +615,7 @@ class Engine:
             thr_t, thr_c = self._sustained(cs, ts, st, sc, n5, out)
         self._call_size(cs, ts, st, sc, learn_t, gap, out)
         vol.advance5(m, st, sc, learn_t, learn_c, 1.0 - self._alpha(tc.max_halflife_min),
-                     thr_t, thr_c)
+                     thr_t, thr_c, cs.cfg.cost_spike.min_calls)
         ca = self._alpha(tc.halflife_min)
         if learn_t:
             cs.tok_update(x_tok)
@@ -714,7 +714,8 @@ class Engine:
         pricey = bp > 0 and vol.wt > 0 and vol.wc >= cc.price_ratio * bp * vol.wt
         if pricey:
             # a jump of the (trimmed) cost per token needs less volume
-            thr = (vol.thr_c if st > 0 and sc >= cc.price_jump * bp * st else vol.thr_cf)
+            thr = (vol.thr_c if st > 0 and sc >= cc.price_jump * bp * st
+                   and sc >= cc.price_high_ratio * vol.pr_hi * st else vol.thr_cf)
             if sc >= thr and n >= cc.min_calls:
                 self._rule_cost_spike(cs, ts, event, out, sustained=False, obs=sc,
                                       thr=thr, calls=n)

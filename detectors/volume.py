@@ -58,6 +58,8 @@ DOM_SHARE: Final = 0.3
 D1: Final = 0.5 ** (BUCKET_S / 30.0)  # 60 s tracker: weights halve in 30 s
 D5: Final = 0.5 ** (60.0 / 150.0)  # 5 min tracker: weights halve in 150 s (decayed per minute)
 INF: Final = float("inf")
+# a minute priced at most this many times the baseline price is back to normal
+PRICE_BACK: Final = 2.0
 # the time-of-day profile (see Volume.prof): one byte per hour and window
 # size, the value x coded as ceil(8 log2 x) (steps of 9 %, rounded up, so a
 # decoded high is never below the window that taught it)
@@ -91,7 +93,8 @@ class Volume(Record):
                  "mt0", "mt1", "mt2", "mt3", "mt4", "mx0", "mx1", "mx2", "mx3", "mx4",
                  "my0", "my1", "my2", "my3", "my4", "mz0", "mz1", "mz2", "mz3", "mz4",
                  "n", "n0", "n1", "n2", "n3", "n4", "n5", "p1c0", "p1c1", "p1t0", "p1t1",
-                 "p5c0", "p5c1", "p5t0", "p5t1", "price_c", "price_t", "prof", "src1", "src5",
+                 "p5c0", "p5c1", "p5t0", "p5t1", "pr_hi", "pr_pend", "price_c", "price_t",
+                 "prof", "src1", "src5",
                  "t0", "t1", "t2", "t3", "t4", "t5", "thr_c", "thr_cf", "thr_t", "tot1", "tot5",
                  "w1", "w5", "wc", "wn", "wt", "x0", "x1", "x2", "x3", "x4", "x5",
                  "y0", "y1", "y2", "y3", "y4", "y5", "z0", "z1", "z2", "z3", "z4", "z5")
@@ -152,6 +155,16 @@ class Volume(Record):
         # (the EW means are volume weighted, and the switch has most of the volume)
         self.price_t: float = 0.0
         self.price_c: float = 0.0
+        # the recent high of the cost per token of a minute with at least a
+        # few calls (decaying as the recent maxima): a consumer that mixes a
+        # cheap model with a dear one pays 5-15x its mean price in some
+        # minutes, which is its normal, not a switch to a dearer model (see
+        # cost_spike.price_high_ratio).  A dear minute teaches it only once a
+        # later minute's price is back near the baseline (pr_pend: the
+        # highest since then): a price that stays up, or climbs (a switch,
+        # at once or on a ramp), never teaches the high it is measured against
+        self.pr_hi: float = 0.0
+        self.pr_pend: float = 0.0
         # the window's running figures, touched by every event: 60 s window
         # tokens, cost, independent calls; the pre-filter thresholds of the
         # current bucket (tokens, cost, cost volume); the heavy-hitter weights
@@ -464,10 +477,12 @@ class Volume(Record):
             self.mz3, self.mz2, self.mz1, self.mz0, 0.0)
 
     def advance5(self, m: int, st: float, sc: float, learn_t: bool, learn_c: bool,
-                 max_decay_min: float, thr_t: float = INF, thr_c: float = INF) -> None:
+                 max_decay_min: float, thr_t: float = INF, thr_c: float = INF,
+                 price_min_calls: float = 5.0) -> None:
         """Learn from the closed 5 min window (trimmed totals ``st``, ``sc``;
-        the maximum only from windows below their threshold) and move the
-        minute ring to minute ``m``."""
+        the maximum only from windows below their threshold) and from the
+        closed minute's price (a minute of ``price_min_calls`` calls or more),
+        and move the minute ring to minute ``m``."""
         k = m - self.m
         if k <= 0:
             return
@@ -484,8 +499,21 @@ class Volume(Record):
         if learn_c:
             self.max5_c, self.p5c0, self.p5c1 = _pend(
                 self.max5_c, self.p5c0, self.p5c1, sc, thr_c, d, new_block)
+            self.pr_hi *= d
+            if self.mn0 >= price_min_calls and self.mt0 > 0:
+                p = self.mc0 / self.mt0
+                if p <= PRICE_BACK * self.base_price():
+                    # back near the baseline: the dear minutes before were a passing mix
+                    if self.pr_pend > self.pr_hi:
+                        self.pr_hi = self.pr_pend
+                    self.pr_pend = 0.0
+                    if p > self.pr_hi:
+                        self.pr_hi = p
+                elif p > self.pr_pend:
+                    self.pr_pend = p
         else:
             self.p5c0 = self.p5c1 = 0.0
+            self.pr_pend = 0.0
         for _ in range(min(k, NM)):
             self._shift5()
         self.m = m

@@ -129,6 +129,46 @@ def test_model_switch_is_a_cost_spike_not_a_token_spike():
     assert cost and cost[0].detected_at.timestamp() - t <= 120
 
 
+def test_a_consumer_mixing_a_cheap_and_a_dear_model_is_no_cost_spike_until_it_switches():
+    # ten calls a minute on a cheap model; every tenth minute four of them on
+    # a model 40x the price (a report job): those minutes cost 5x the mean
+    # price per token, past the price-jump bar (4x), and used to be a cost
+    # spike each.  The consumer's recent high price of a minute knows them.
+    # A switch of every call to the dear model is still a cost spike
+    def call(k: int, dear: bool) -> dict:
+        return event(k, T0 + 6.0 * k, "mix", model="o1" if dear else "gpt-4o-mini",
+                     input_tokens=2000, output_tokens=250, cost=0.2 if dear else 0.005,
+                     request_hash=f"m{k}")
+    evs = [call(k, (k // 10) % 10 == 9 and k % 10 in (0, 3, 6, 9)) for k in range(10 * 240)]
+    assert first(run(evs), "cost_spike") == []
+    t = T0 + 6.0 * 10 * 240
+    evs += [call(10 * 240 + k, True) for k in range(60)]
+    [f] = first(run(evs), "cost_spike")
+    assert 0 <= f.detected_at.timestamp() - t <= 60
+    # without the consumer's recent high price, its dear minutes were spikes
+    off = Engine(DetectorConfig.from_dict({"cost_spike": {"price_high_ratio": 0}}))
+    assert len(first(run(evs[:10 * 240], off), "cost_spike")) >= 1
+
+
+def test_a_dear_minute_teaches_the_price_high_once_the_price_is_back_a_climb_never():
+    # (cost_spike off: no episode keeps the baselines from learning)
+    cfg = DetectorConfig.from_dict({"cost_spike": {"enabled": False}})
+
+    def call(c: str, k: int, dear: bool) -> dict:
+        return event(k, T0 + 6.0 * k, c, input_tokens=2000, output_tokens=250,
+                     cost=0.2 if dear else 0.005, request_hash=f"{c}{k}")
+    mixed = [call("mix", k, 60 <= k // 10 < 61) for k in range(10 * 70)]
+    climb = [call("up", k, k // 10 >= 60 and k % 10 < k // 10 - 59) for k in range(10 * 70)]
+    eng = Engine(cfg)
+    run(mixed + climb, eng)
+    per_call = 2250.0
+    # the dear minute (every call at 0.2), then cheap minutes again: learnt
+    assert eng._consumers["mix"].pr_hi * per_call > 0.1
+    # dearer calls minute after minute (1 of 10, 2 of 10, ... 9 of 10): the
+    # price never came back, and the high is still the cheap minutes' price
+    assert eng._consumers["up"].pr_hi * per_call < 0.01
+
+
 def test_a_dearer_model_at_a_little_more_volume_is_no_token_spike():
     # steady calls, then half as many again on a model 20x the price: the
     # cost windows pass their bars, the tokens (1.5x) pass none of theirs and
