@@ -49,7 +49,6 @@ from .state import (
 from .volume import (
     BUCKET_S,
     NB,
-    NM,
 )
 
 # 2: ConsumerState is its Volume; 3: failed first sightings keep their time;
@@ -569,10 +568,12 @@ class Engine:
     def _close_due(self, now: float, out: list[Finding]) -> None:
         """Close every registered minute that ended by ``now``, oldest first,
         each at its end: the consumer's 5 min windows, call sizes and call
-        rate as they stood then.  A consumer stays registered, one minute at
-        a time, while its 5 min window still holds a minute with calls; after
-        that its silent minutes are filled in when it calls again (as zeros
-        that no window tests, as before)."""
+        rate as they stood then.  A consumer stays registered for its next
+        minute when the minute just closed had calls, or while its 5 min
+        window is above a bar (a second window in a row fires); after that
+        its silent minutes are filled in when it calls again, as zeros that
+        no window tests (a silent minute's window only falls, and no other
+        rule tests a minute without calls), as before."""
         due = self._due
         m = self._due_min
         while due and (m + 1) * 60.0 <= now:
@@ -583,8 +584,9 @@ class Engine:
                     cs = self._consumers.get(key)
                     if cs is None or cs.m != m:
                         continue  # it called since (its own call closed the minute), or evicted
+                    active = cs.m_calls > 0
                     self._close_minutes(cs, m + 1, end, out)
-                    if m + 1 - int(cs.last_ts // 60.0) < NM:
+                    if active or cs.hits5:
                         lst = due.get(m + 1)
                         if lst is None:
                             due[m + 1] = [key]
