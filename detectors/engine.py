@@ -587,11 +587,7 @@ class Engine:
                     active = cs.m_calls > 0
                     self._close_minutes(cs, m + 1, end, out)
                     if active or cs.hits5:
-                        lst = due.get(m + 1)
-                        if lst is None:
-                            due[m + 1] = [key]
-                        else:
-                            lst.append(key)
+                        self._due_add(key, m + 1)
             m += 1
         if due:
             m = min(due)  # (a few keys: the minutes of the last five)
