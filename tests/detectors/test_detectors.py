@@ -166,6 +166,35 @@ def test_a_plain_model_stuck_at_its_output_limit_is_runaway():
     assert kinds(run([*long, stuck])) == []
 
 
+def test_a_plain_answer_cut_off_past_16k_tokens_is_runaway_without_a_baseline():
+    # a consumer's very first gpt-4o call runs its answer to a 16,384-token
+    # limit: no baseline of the consumer (or, for plain models, of the
+    # model) exists, but like the reasoning budget hit it is a guardrail
+    first = event(1, T0 + 60, "n", "gpt-4o", output_tokens=16_384, finish_reason="length",
+                  max_output_tokens=16_384, latency_ms=200_000)
+    [f] = [f for f in run([first]) if f.kind == "runaway_reasoning"]
+    assert f.evidence["rule"] == "output_budget" and f.detected_at.timestamp() == T0 + 60
+    assert f.observed == 16_384 and f.threshold == 16_384
+    # an answer that ended on its own, or one cut off at 8k, is no guardrail
+    # hit; nor is a long answer of a reasoning model after its thinking
+    assert kinds(run([dict(first, finish_reason="stop")])) == []
+    assert kinds(run([dict(first, output_tokens=8192, max_output_tokens=8192)])) == []
+    assert kinds(run([dict(first, model="o3-mini", reasoning_tokens=3000)])) == []
+    # 0 disables it
+    off = Engine(DetectorConfig.from_dict({"runaway_reasoning": {"length_max_output": 0}}))
+    assert kinds(run([first], off)) == []
+    # a warm baseline judges it by its relative rules: a consumer whose
+    # answers run to 3-5k tokens has one reach the limit
+    long = steady("n", 200, model="gpt-4o", output_tokens=4000)
+
+    def cut(k: int) -> dict:  # after the consumer's k-th call
+        return event(5000, T0 + 6 * k - 1, "n", "gpt-4o", output_tokens=16_384,
+                     finish_reason="length", max_output_tokens=16_384, latency_ms=200_000)
+
+    assert kinds(run([*long, cut(200)])) == []
+    assert kinds(run([*long[:20], cut(20)])) == ["runaway_reasoning"]
+
+
 def test_the_reasoning_budget_guardrail_needs_the_limit_hit_while_thinking():
     # a heavy thinker (~5k reasoning tokens a call, a 32k output limit): a
     # call whose thinking used the whole limit (nothing left for the answer)
