@@ -1430,10 +1430,11 @@ class Engine:
           >= ``max_think_tokens``; ``finish_reason=length`` with at least
           ``length_min_reasoning`` reasoning tokens making up nearly all the
           output (``length_reasoning_share``: the budget ran out while the
-          model was still thinking, not in its answer); and, for a model
-          that reports no reasoning, ``finish_reason=length`` after at
-          least ``length_max_output`` output tokens (an answer run on to its
-          limit);
+          model was still thinking, not in its answer); and, while the
+          consumer has fewer than ``warmup_calls`` calls of a model that
+          reports no reasoning (no model-wide baseline stands in for those),
+          ``finish_reason=length`` after at least ``length_max_output``
+          output tokens (an answer run on to its limit);
         * relative: above ``min_tokens`` (and, for duration, on reasoning
           models only, ``min_latency_s``) and above the
           (consumer, model) log-scale mean + z sd (or ``extreme_max_ratio``
@@ -1486,7 +1487,10 @@ class Engine:
         if len(hist) > 64:
             del hist[:-64]
         repeated = len(hist) >= rcfg.repeat_count
-        basis = b if young else guard
+        # the baseline the call is told against: a warming-up baseline's own
+        # calls where they judged it (the young rule) or are all there is
+        # (a plain model's output budget: no model-wide stand-in)
+        basis = b if young or (rule == "output_budget" and b.t_n) else guard
         base_t = basis.t_geomean() if basis is not None else 0.0
         base_l = basis.l_geomean() if basis is not None else 0.0
         what = f"thought {think:.0f} tokens"
@@ -1503,8 +1507,11 @@ class Engine:
             # the output limit the call ran into
             obs = float(event.output_tokens)
             thr = float(event.max_output_tokens or event.output_tokens)
-        summary = (f"{cs.key}: a {model} call {what} (typical {_fmt(base_t)} tokens, "
-                   f"{base_l:.0f} s; rule {rule})")
+            if rule == "output_budget":
+                what = f"answered {obs:.0f} tokens, cut off at its output limit"
+        typical = (f"typical {_fmt(base_t)} tokens, {base_l:.0f} s" if basis is not None
+                   and basis.t_n else "no baseline of the consumer on the model yet")
+        summary = f"{cs.key}: a {model} call {what} ({typical}; rule {rule})"
         if repeated:
             summary = (f"{cs.key}: {len(hist)} runaway {model} calls in "
                        f"{rcfg.repeat_window_s / 60:.0f} min, latest {what}: "

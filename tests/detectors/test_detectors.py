@@ -175,6 +175,7 @@ def test_a_plain_answer_cut_off_past_16k_tokens_is_runaway_without_a_baseline():
     [f] = [f for f in run([first]) if f.kind == "runaway_reasoning"]
     assert f.evidence["rule"] == "output_budget" and f.detected_at.timestamp() == T0 + 60
     assert f.observed == 16_384 and f.threshold == 16_384
+    assert "cut off at its output limit (no baseline of the consumer" in f.summary
     # an answer that ended on its own, or one cut off at 8k, is no guardrail
     # hit; nor is a long answer of a reasoning model after its thinking
     assert kinds(run([dict(first, finish_reason="stop")])) == []
@@ -192,7 +193,8 @@ def test_a_plain_answer_cut_off_past_16k_tokens_is_runaway_without_a_baseline():
                      finish_reason="length", max_output_tokens=16_384, latency_ms=200_000)
 
     assert kinds(run([*long, cut(200)])) == []
-    assert kinds(run([*long[:20], cut(20)])) == ["runaway_reasoning"]
+    [g] = [f for f in run([*long[:20], cut(20)]) if f.kind == "runaway_reasoning"]
+    assert g.evidence["rule"] == "output_budget" and "(typical 4000 tokens" in g.summary
 
 
 def test_the_reasoning_budget_guardrail_needs_the_limit_hit_while_thinking():
