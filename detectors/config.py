@@ -338,8 +338,13 @@ class AgentLoopConfig:
     ratio: float = 1.5  # times the consumer's high run length (about p99)
     min_tokens: int = 2_000_000  # token rule floor
     token_ratio: float = 5.0
-    # no run history yet: ~1.5x the longest normal agent run (tau-bench: 27 tool calls)
+    # no run history yet (fewer than warmup_runs runs): ~1.5x the longest
+    # normal agent run (tau-bench: 27 tool calls) ...
     guard_calls: int = 40
+    # ... and its tokens: 12x the largest of tau-bench's 200 runs (166k
+    # tokens, every step resending the history), so a first run that loops
+    # on full-context calls is seen before ten runs have taught a baseline
+    guard_tokens: int = 2_000_000
     session_min_calls: int = 100  # a session without trace_id: human turns (normal <= 30)
     critical_ratio: float = 3.0  # observed >= this x threshold: critical, block
     warmup_runs: int = 10

@@ -1649,7 +1649,8 @@ class Engine:
         exp(mean + 2.33 sd) of log(calls) over the consumer's completed runs,
         capped by the longest recent one (``LogBaseline.high``; before
         ``warmup_runs`` runs: ``guard_calls``), or more tokens than
-        max(min_tokens, token_ratio x the same for tokens).  Critical (block)
+        max(min_tokens, token_ratio x the same for tokens) (before
+        ``warmup_runs`` runs: ``guard_tokens``).  Critical (block)
         at ``critical_ratio`` x the threshold.  Failed calls do not count: an
         agent whose calls time out and are retried makes more calls, but that
         is the failures (failure_spike, retry_storm), not a loop.
@@ -1684,7 +1685,7 @@ class Engine:
                             ac.token_ratio * (cs.run_tok or _NO_RUNS).high(2.33, 0.1))
             else:
                 thr_c = float(max(ac.min_calls, ac.guard_calls))
-                thr_t = float(max(ac.min_tokens, 10 * ac.min_tokens))
+                thr_t = float(max(ac.min_tokens, ac.guard_tokens))
             if tid is None:
                 # a session without an agent trace is a conversation: human
                 # turns, judged on a higher floor

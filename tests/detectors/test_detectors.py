@@ -491,6 +491,20 @@ def test_agent_loop_bar_is_the_longest_normal_run_not_a_log_normal_tail():
     assert loop.subject == "long" and loop.threshold <= 46
 
 
+def test_a_first_run_looping_on_full_context_calls_is_an_agent_loop_before_a_baseline():
+    # a consumer's first run: 32 steps (under the 40-call guard) each sending
+    # 80k tokens, 2.6M in all; the largest of tau-bench's real runs is 166k
+    def first_run(input_tokens: int) -> list:
+        evs = [event(k, T0 + 5 * k, "ag", trace_id="first", input_tokens=input_tokens,
+                     request_hash=f"step{k}") for k in range(32)]
+        return [f for f in run(evs) if f.kind == "agent_loop" and f.revision == 0]
+
+    assert first_run(5000) == []  # 160k tokens: a long normal run
+    [loop] = first_run(80_000)
+    assert loop.subject == "first" and loop.threshold == 2_000_000
+    assert loop.observed >= 2_000_000 and loop.severity == "warning"
+
+
 def test_context_bloat_is_info():
     evs = [event(k, T0 + 30 * k, "cb", session_id="s1", input_tokens=3000 + 7000 * k)
            for k in range(15)]
