@@ -1493,7 +1493,9 @@ class Engine:
         basis = b if young or (rule == "output_budget" and b.t_n) else guard
         base_t = basis.t_geomean() if basis is not None else 0.0
         base_l = basis.l_geomean() if basis is not None else 0.0
-        what = f"thought {think:.0f} tokens"
+        # a model that reports no reasoning is judged on its output: its
+        # answer, not its thinking
+        what = f"thought {think:.0f} tokens" if b.has_r else f"answered {think:.0f} tokens"
         obs, base, thr = think, base_t, bar  # tokens, latency: the bar computed above
         if rule == "max_latency":
             obs, base, thr = lat, base_l, float(rcfg.max_latency_s)

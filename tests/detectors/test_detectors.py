@@ -60,6 +60,7 @@ def test_runaway_guardrail_at_the_call_and_escalation():
     run_f = [f for f in fs if f.kind == "runaway_reasoning"]
     assert run_f[0].detected_at.timestamp() == pytest.approx(t, abs=0.01)
     assert run_f[0].evidence["event_id"] == "e1000"
+    assert "call ran 700 s" in run_f[0].summary or "thought 40000 tokens" in run_f[0].summary
     assert len({f.finding_id for f in run_f}) == 1  # one episode
     assert any(f.severity == "critical" and f.action == "block" for f in run_f)
 
@@ -156,6 +157,7 @@ def test_a_plain_model_stuck_at_its_output_limit_is_runaway():
     fs = [f for f in run([*evs, stuck]) if f.kind == "runaway_reasoning"]
     assert [f.evidence["rule"] for f in fs] == ["tokens"]
     assert fs[0].observed == 4096 and fs[0].threshold == pytest.approx(4000)
+    assert "call answered 4096 tokens" in fs[0].summary  # its output, not thinking
     # a long answer that ended on its own needs min_tokens (6000), as did
     # one stopped at its limit before length_min_output
     assert kinds(run([*evs, dict(stuck, finish_reason="stop")])) == []
