@@ -60,7 +60,7 @@ def test_runaway_guardrail_at_the_call_and_escalation():
     run_f = [f for f in fs if f.kind == "runaway_reasoning"]
     assert run_f[0].detected_at.timestamp() == pytest.approx(t, abs=0.01)
     assert run_f[0].evidence["event_id"] == "e1000"
-    assert "call ran 700 s" in run_f[0].summary or "thought 40000 tokens" in run_f[0].summary
+    assert "o3-mini call ran 700 s (typical 200 tokens" in run_f[0].summary
     assert len({f.finding_id for f in run_f}) == 1  # one episode
     assert any(f.severity == "critical" and f.action == "block" for f in run_f)
 
