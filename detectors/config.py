@@ -112,7 +112,11 @@ class RunawayConfig:
     # x the model's largest recent call, above a light thinker's runaway).
     # The largest of a few calls sits 1-1.5 log sd below a warm baseline's
     # recent maximum, so 25x it is about as strict as extreme_max_ratio(_output)
-    # x a warm maximum (10x fired on a heavy-tailed consumer's 20x-typical answer)
+    # x a warm maximum (10x fired on a heavy-tailed consumer's 20x-typical answer).
+    # The same for a reasoning model's duration (from min_latency_s), on a
+    # call that also thought min_tokens and ratio_to_recent_max x the most of
+    # them: 25x a light thinker's slowest call is far from its heavy-thinking
+    # neighbours' ordinary ones, which set the stand-in's bars
     young_min_calls: int = 5
     young_max_ratio: float = 25.0
     repeat_count: int = 3  # runaway calls from one consumer within repeat_window_s

@@ -1450,7 +1450,10 @@ class Engine:
           to ``warmup_calls`` calls, ``young_max_ratio`` x the largest of them
           (and ``ratio_to_mean`` x their geometric mean): a light thinker's
           runaway stays under the stand-in's bar when the model also serves
-          heavy thinkers.
+          heavy thinkers; the same for the duration of a reasoning model's
+          call (from ``min_latency_s``) that also thought ``min_tokens`` and
+          ``ratio_to_recent_max`` x the most of them (a slow call of
+          ordinary thinking is upstream latency).
 
         A plain model's call stopped at its output limit (``finish_reason=
         length``) is judged from ``length_min_output`` tokens instead of
@@ -1615,6 +1618,17 @@ class Engine:
                        rcfg.ratio_to_mean * b.t_geomean())
             if think >= ybar:
                 rule, bar, young = "tokens", ybar, True
+            elif (b.has_reasoning and lat >= rcfg.min_latency_s
+                  and b.l_n >= rcfg.young_min_calls
+                  and think >= rcfg.ratio_to_recent_max * b.t_rmax):
+                # ... or as slow: the duration's counterpart, for a call that
+                # also thought more than any of them (a slow call of ordinary
+                # thinking is upstream latency).  The model-wide stand-in's
+                # bars are its heavy thinkers' long calls
+                ybar = max(rcfg.min_latency_s, rcfg.young_max_ratio * b.l_rmax,
+                           rcfg.ratio_to_mean * b.l_geomean())
+                if lat >= ybar:
+                    rule, bar, young = "latency", ybar, True
         return rule, bar, young, guard
 
     @staticmethod

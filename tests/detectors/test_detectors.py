@@ -148,6 +148,38 @@ def test_a_warming_up_consumers_own_calls_judge_a_runaway():
     assert kinds(run(evs, off)) == []
 
 
+def test_a_warming_up_consumers_own_calls_judge_a_slow_runaway():
+    # a light thinker new to the model (20 calls of ~400 tokens, 20 s) has a
+    # call think 9k tokens for 1244 s; the model also serves a heavy
+    # thinker (12k tokens, 500 s), so the stand-in's bars (1.5x its largest
+    # call for the 600 s guardrail, 3x its slowest for duration) are above
+    # it, and 9k tokens are under 25x the consumer's largest call: its own
+    # calls' durations say the call ran 60x their slowest
+    heavy = [event(8000 + k, T0 + 30 * k, "h", "o3-mini", reasoning_tokens=12_000,
+                   output_tokens=12_600, latency_ms=500_000, request_hash=f"hv{k}")
+             for k in range(100)]
+    light = [event(9000 + k, T0 + 2400 + 20 * k, "l", "o3-mini", reasoning_tokens=380 + 2 * k,
+                   output_tokens=700, latency_ms=20_000, request_hash=f"l{k}")
+             for k in range(20)]
+    slow = event(9100, T0 + 2900, "l", "o3-mini", reasoning_tokens=9_000, output_tokens=9_300,
+                 latency_ms=1_244_000, request_hash="lb")
+    evs = sorted(_model_users(T0, 2500) + heavy + light + [slow], key=lambda d: d["ts"])
+    fs = [f for f in run(evs) if f.kind == "runaway_reasoning" and f.revision == 0]
+    assert [(f.consumer, f.evidence["rule"]) for f in fs] == [("l", "latency")]
+    assert fs[0].observed == pytest.approx(1244.0)
+    assert fs[0].threshold == pytest.approx(25 * 20.0, rel=0.01)  # 25x its slowest call
+    assert "o3-mini call ran 1244 s (typical 3" in fs[0].summary
+    # as slow, but thinking no more than min_tokens: upstream latency, nothing
+    little = dict(slow, reasoning_tokens=3_000, output_tokens=3_300)
+    assert kinds(run([little if e is slow else e for e in evs])) == []
+    # thinking as much, but 400 s (20x its slowest, under 25x): nothing
+    quicker = dict(slow, latency_ms=400_000)
+    assert kinds(run([quicker if e is slow else e for e in evs])) == []
+    # ... and without the young rules the stand-in alone misses it
+    off = Engine(DetectorConfig.from_dict({"runaway_reasoning": {"young_min_calls": 99}}))
+    assert kinds(run(evs, off)) == []
+
+
 def test_a_plain_model_stuck_at_its_output_limit_is_runaway():
     # a chat consumer answering in ~100 tokens; one answer runs to its
     # max_tokens of 4096 (finish_reason=length): a model repeating itself
