@@ -310,6 +310,40 @@ def test_model_outage_alerts_and_suppresses_consumer_findings():
     assert all(f.action != "block" for f in fs)
 
 
+def _outage_then_own_spike(hit_s: bool) -> list[dict]:
+    """Eight consumers of gpt-4o-mini and a small one, "s" (a call every
+    20 s); an outage fails 80 % of the model's calls for 5 minutes (s's too
+    when ``hit_s``); 40 minutes later 4 in 10 of s's calls fail for 10 minutes."""
+    evs = []
+    for c in range(8):
+        evs += steady(f"m{c}", 1000, gap=4.0, model="gpt-4o-mini", i0=c * 10_000)
+    evs += steady("s", 300, gap=20.0, model="gpt-4o-mini", i0=100_000)
+    for d in evs:
+        ts = UsageEvent.model_validate(d).ts.timestamp()
+        k = int(d["event_id"][1:])
+        outage = T0 + 1200 <= ts < T0 + 1500 and k % 5 < 4 and (hit_s or d["consumer"] != "s")
+        own = d["consumer"] == "s" and T0 + 3600 <= ts < T0 + 4200 and k % 10 < 4
+        if outage or own:
+            d.update(status=503, error="upstream_5xx", output_tokens=0)
+    return sorted(evs, key=lambda d: d["ts"])
+
+
+def test_an_outages_failures_do_not_teach_the_consumers_failure_baseline():
+    # the outage's failures are the model scope's: for s they are no more
+    # its normal than they are evidence against it, so its own spike later
+    # is judged as if the outage had passed it by
+    hit = [f for f in run(_outage_then_own_spike(True)) if f.revision == 0]
+    spared = [f for f in run(_outage_then_own_spike(False)) if f.revision == 0]
+    assert [(f.scope, f.subject) for f in hit] == [("model", "gpt-4o-mini"), ("consumer", "s")]
+    assert [(f.scope, f.subject) for f in spared] == [("model", "gpt-4o-mini"),
+                                                      ("consumer", "s")]
+    # (the outage's first failure, before the model scope saw it, and the
+    # calls it failed are the difference; learnt, its 12 failures made the
+    # baseline 6.4 % against 3.0 %)
+    assert hit[1].baseline < 1.5 * spared[1].baseline
+    assert abs((hit[1].detected_at - spared[1].detected_at).total_seconds()) <= 60
+
+
 def test_token_spike_and_not_on_bursts():
     # a consumer alternating silence and 4x bursts for 2 h: normal
     evs = []
