@@ -1040,7 +1040,9 @@ class Engine:
         calls with a Beta prior of ``prior_rate``, so new and small consumers
         have a sane rate).  Checked at every failure: a busy consumer is
         caught within seconds, a small one after a handful of failed calls.
-        Upstream-class failures (5xx, 429, timeouts) defer to the model scope
+        Once a consumer's failure episode has ended, no window starts before
+        its last failure: failures already reported are no evidence of a new
+        spike.  Upstream-class failures (5xx, 429, timeouts) defer to the model scope
         when other consumers of the model fail too or an outage is open (an
         upstream outage is not the consumer's fault); client-class failures
         (401, 403, 400, ...) are the consumer's own.  A jump of the call
@@ -1059,6 +1061,15 @@ class Engine:
         # the settings from the consumer's HotSettings (read at every failed
         # call); the config dataclasses only to open a window or fire
         hot = cs.hot
+        w = cs.fwin
+        # failures of an open episode are marked: once it has ended, no
+        # window starts before its last one (held-out seed 32: a window
+        # reaching 45 minutes back into a reported spike's failures made a
+        # new finding of one 503)
+        added = w is not None and hot.fs_enabled and not repeat_fail and cls != 0
+        open_ = self._failure_open(cs)
+        if added and open_ and w is not None:
+            w.mark_newest()
         model = event.model
         if cs.models:
             # the model this consumer's recent failures are on
@@ -1085,7 +1096,6 @@ class Engine:
         distinct_share = cs.fs / cs.ns
         all_share = cs.fa / cs.ns
         fail_rate = cs.fs * 60.0 / hot.fs_short_tau
-        w = cs.fwin
         jump = rate_now >= rate_thr and fail_rate >= fail_thr and (
             distinct_share >= hot.rs_share or (
                 fail_rate >= rate_thr and all_share >= hot.rs_share))
@@ -1138,7 +1148,7 @@ class Engine:
         floor = max(hot.fs_min_rate, hot.fs_min_ratio * p0)
         k = math.ceil(hot.fs_min_failures)
         hit = w.scan(cs.calls, ts, p_hi, k, floor, hot.fs_max_window, hot.fs_alpha,
-                     min_window_s=hot.fs_min_window)
+                     min_window_s=hot.fs_min_window, after_reported=not open_)
         if cls == CLIENT and not repeat_fail:
             # client errors (auth, bad requests) against their own, much lower,
             # baseline: a few 401s stand out even when 5xx/429 are common.  A
@@ -1152,7 +1162,8 @@ class Engine:
             fl_c = max(hot.fs_min_rate, hot.fs_min_ratio * pc)
             if hit is None:
                 hit = w.scan(cs.calls, ts, pc_hi, k, fl_c, hot.fs_max_window, hot.fs_alpha,
-                             only=CLIENT, min_window_s=hot.fs_min_window)
+                             only=CLIENT, min_window_s=hot.fs_min_window,
+                             after_reported=not open_)
                 if hit is not None:
                     p0, floor = pc, fl_c
             if hit is None and not self._failure_open(cs) and w.scan(
@@ -1183,6 +1194,8 @@ class Engine:
                              "error_class": "upstream" if upstream else "client"},
                    quiet_s=fsc.quiet_s, reopen_s=fsc.reopen_s, reopen_ratio=fsc.reopen_ratio,
                    cls="upstream" if upstream else "client")
+        if added and not open_ and w is not None:
+            w.mark_newest()
 
     def _model_failing_elsewhere(self, ms: ModelState, consumer: str) -> bool:
         """Do other consumers of this model fail too (an upstream problem)?"""

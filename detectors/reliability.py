@@ -39,6 +39,8 @@ LN10: Final = math.log(10.0)
 # status classes of a failed call
 CLIENT: Final = 1  # 4xx except 408 / 429: the caller's own problem (auth, bad request, ...)
 UPSTREAM: Final = 2  # 5xx, 429, 408, no answer (timeout, connect error): the provider's
+# flag of a failure record (with its class): it belonged to a reported episode
+REPORTED: Final = 4
 
 
 def failure_class(status: int, error: str | None) -> int:
@@ -114,6 +116,12 @@ class FailWindow(Record):
         if self.size < k:
             self.size += 1
 
+    def mark_newest(self) -> None:
+        """Flag the latest record :data:`REPORTED`."""
+        if self.size:
+            s = self.slot(0)
+            self.cls[s] |= REPORTED
+
     def slot(self, j: int) -> int:
         """Ring slot of the j-th latest record (0 = newest)."""
         s = self.head - 1 - j
@@ -125,7 +133,8 @@ class FailWindow(Record):
 
     def scan(self, calls: int, now: float, p: float, min_failures: int, min_rate: float,
              max_window_s: float, log10_alpha: float, only: int = 0,
-             min_window_s: float = 0.0) -> tuple[int, int, float, float] | None:
+             min_window_s: float = 0.0, after_reported: bool = False
+             ) -> tuple[int, int, float, float] | None:
         """The first window, newest anchor first, whose failures are
         significant: ``(failures, calls, log10 p, start time)`` or None.
 
@@ -138,7 +147,19 @@ class FailWindow(Record):
         ``min_window_s``: a window shorter than this is tested only with
         twice ``min_failures`` failures (a few clustered errors are no spike;
         many are sure at once; either way its failures count in the longer
-        windows)."""
+        windows); ``after_reported``: no window starts before the latest
+        failure marked :data:`REPORTED` (failures already reported are no
+        evidence of a new spike).
+
+        >>> w = FailWindow(8)
+        >>> for i in range(6):
+        ...     w.add(float(i), 10 + i)
+        >>> w.scan(16, 6.0, 0.01, 3, 0.0, 60.0, -2.0) is not None
+        True
+        >>> w.mark_newest()
+        >>> w.scan(16, 6.0, 0.01, 3, 0.0, 60.0, -2.0, after_reported=True) is None
+        True
+        """
         lim = int((now - max_window_s) * 1000.0)
         short = int((now - min_window_s) * 1000.0)
         ts, idx, cl = self.ts, self.idx, self.cls
@@ -153,7 +174,10 @@ class FailWindow(Record):
             t = ts[s]
             if t < lim:
                 break
-            if only and cl[s] != only:
+            c = cl[s]
+            if only and (c & 3) != only:
+                if after_reported and c & REPORTED:
+                    break
                 continue
             if f >= min_failures and (t <= short or f >= 2 * min_failures):
                 n = calls - idx[s]
@@ -161,6 +185,8 @@ class FailWindow(Record):
                     lp = log10_binom_tail(f, n, p)
                     if lp <= log10_alpha:
                         return f, n, lp, t / 1000.0
+            if after_reported and c & REPORTED:
+                break
             f += 1
         return None
 
@@ -182,7 +208,7 @@ class FailWindow(Record):
         """Share of CLIENT-class failures among the j + 1 latest records."""
         c = 0
         for i in range(j + 1):
-            if self.cls[self.slot(i)] == CLIENT:
+            if self.cls[self.slot(i)] & 3 == CLIENT:
                 c += 1
         return c / (j + 1)
 
@@ -207,7 +233,7 @@ class FailWindow(Record):
             if self.ts[s] < lim:
                 break
             n += 1
-            if self.cls[s] == CLIENT:
+            if self.cls[s] & 3 == CLIENT:
                 c += 1
         return c / n if n else 0.0
 

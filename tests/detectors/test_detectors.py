@@ -344,6 +344,28 @@ def test_an_outages_failures_do_not_teach_the_consumers_failure_baseline():
     assert abs((hit[1].detected_at - spared[1].detected_at).total_seconds()) <= 60
 
 
+def test_a_reported_spikes_failures_are_no_evidence_of_a_new_one():
+    # a client-error spike, its tail (a failing call every 30 s), silence,
+    # then 45 minutes later one 503: windows reaching back into the reported
+    # spike's failures would make a new finding of it
+    evs = steady("f", 400)
+    evs += [event(7000 + k, T0 + 2400.5 + 6 * k, "f", status=401 if k % 5 < 3 else 200)
+            for k in range(100)]
+    evs += [event(7200 + k, T0 + 3000.5 + 30 * k, "f", status=401) for k in range(8)]
+    later = [event(7300, T0 + 5700.5, "f", status=503, error="upstream_5xx"),
+             event(7301, T0 + 5710.5, "f")]
+    fs = [f for f in run(sorted(evs + later, key=lambda d: d["ts"]))
+          if f.kind == "failure_spike"]
+    assert len({f.finding_id for f in fs}) == 1
+    assert fs[-1].status == "resolved"
+    # a new burst after it is a new finding (its own failures are evidence)
+    burst = [event(7400 + k, T0 + 5720.5 + 5 * k, "f", status=503, error="upstream_5xx")
+             for k in range(8)]
+    fs = [f for f in run(sorted(evs + later + burst, key=lambda d: d["ts"]))
+          if f.kind == "failure_spike" and f.revision == 0]
+    assert len(fs) == 2 and fs[1].detected_at.timestamp() >= T0 + 5720
+
+
 def test_token_spike_and_not_on_bursts():
     # a consumer alternating silence and 4x bursts for 2 h: normal
     evs = []
