@@ -60,7 +60,7 @@ from .volume import (
 # baselines are attributes, out of the Volume's array; 13: so is the current
 # 10 s bucket; 14: both rings are attributes (shift registers by age), no array;
 # the repeat and run tables keyed by (consumer, hash / run) tuples
-SNAPSHOT_VERSION: Final = 14
+SNAPSHOT_VERSION: Final = 15
 TICK_S: Final = 15.0
 SWEEP_S: Final = 60.0
 # decayed failures of a request (tau_s) above which a new failure is a retry:
@@ -329,12 +329,14 @@ class Engine:
                     and (fl < mf or fl < twice * cs.nl))
         # nor do the failures of an upstream outage (those the model scope
         # judges: held-out seed 32's acm-chat-0221 learnt 11 % from one, 5 %
-        # before, and its own spike an hour later stayed under the bar)
-        if calm and not upstream_s and not (
+        # before, and its own spike an hour later stayed under the bar), nor
+        # the failed retries of a failing request: the rate is of counted
+        # failures per counted call, as in the windows (FailWindow.skip)
+        if calm and not upstream_s and not repeat_fail and not (
                 cs.key in self._book.subjects and self._failure_open(cs)):
             keep = hot.fs_keep
             cs.n_base = cs.n_base * keep + 1.0
-            if failed and not repeat_fail:
+            if failed:
                 cs.f_base = cs.f_base * keep + 1.0
             else:
                 x = cs.f_base
@@ -996,7 +998,9 @@ class Engine:
         upstream's, not counted against the consumer)."""
         hot = cs.hot
         cls = failure_class(event.status, event.error)
-        if not repeat_fail and hot.fs_enabled:
+        if repeat_fail and cs.fwin is not None:
+            cs.fwin.skip()
+        elif not repeat_fail and hot.fs_enabled:
             w = cs.fwin
             if w is None:
                 w = cs.fwin = FailWindow(max(2, cs.cfg.failure_spike.window_failures))
@@ -1022,6 +1026,7 @@ class Engine:
                 w.add(ts, idx, cls)
             else:
                 cls = 0  # not counted
+                w.skip()
         return cls
 
     def _rule_failures(self, cs: ConsumerState, ms: ModelState, event: UsageEvent, ts: float,
@@ -1029,9 +1034,11 @@ class Engine:
         """failure_spike (consumer scope) and the retry_storm rate rule.
 
         failure_spike: the consumer's last ``window_failures`` failures of
-        *distinct* requests (retries of a failing request_hash are not counted
-        twice) are kept with the consumer's call counter, so the calls after
-        each of them and the failures among them are exact sliding windows
+        *distinct* requests (a failed retry of a failing request_hash counts
+        neither as a failure nor as a call, in the windows and the baseline
+        alike: a spike's clients retry more than usual) are kept with the
+        consumer's call counter, so the calls after each of them and the
+        failures among them are exact sliding windows
         (see :meth:`detectors.reliability.FailWindow.scan`).  A window fires
         when it has at least ``min_failures`` failures, a rate of at least
         max(min_rate, min_ratio x p0), and the one-sided binomial tail
@@ -1042,9 +1049,10 @@ class Engine:
         caught within seconds, a small one after a handful of failed calls.
         Once a consumer's failure episode has ended, no window starts before
         its last failure: failures already reported are no evidence of a new
-        spike.  Upstream-class failures (5xx, 429, timeouts) defer to the model scope
-        when other consumers of the model fail too or an outage is open (an
-        upstream outage is not the consumer's fault); client-class failures
+        spike.  Upstream-class failures (5xx, 429, timeouts) defer to the
+        model scope when other consumers of the model fail too or an outage
+        is open (an upstream outage is not the consumer's fault; nor do its
+        failures teach the consumer's baseline); client-class failures
         (401, 403, 400, ...) are the consumer's own.  A jump of the call
         rate while most calls fail is a retry storm, not a failure spike.
 

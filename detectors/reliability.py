@@ -84,12 +84,16 @@ class FailWindow(Record):
     Windows are anchored at past failures: the calls after the j-th latest
     failure and the failures among them are exact sliding-window counts."""
 
-    __slots__ = ("cbase", "cbase_at", "cls", "head", "idx", "size", "ts")
+    __slots__ = ("cbase", "cbase_at", "cls", "head", "idx", "rf", "rfi", "size", "ts")
 
     def __init__(self, k: int = 16) -> None:
         self.ts = array("q", bytes(8 * k))
         self.idx = array("q", bytes(8 * k))
         self.cls = bytearray(k)  # failure class of each record
+        # calls that do not count (see skip): their running count, and its
+        # value at each record
+        self.rf = 0
+        self.rfi = array("q", bytes(8 * k))
         self.head = 0  # slot of the next record
         self.size = 0
         # EW count of CLIENT-class failures (decayed per call like the consumer's
@@ -111,10 +115,17 @@ class FailWindow(Record):
         self.ts[h] = int(ts * 1000.0)
         self.idx[h] = call_idx
         self.cls[h] = cls
+        self.rfi[h] = self.rf
         k = len(self.idx)
         self.head = h + 1 if h + 1 < k else 0
         if self.size < k:
             self.size += 1
+
+    def skip(self) -> None:
+        """A call of the consumer that windows do not count: a failed retry
+        of a failing request (its failure is counted once) or a failure
+        the upstream's outage explains."""
+        self.rf += 1
 
     def mark_newest(self) -> None:
         """Flag the latest record :data:`REPORTED`."""
@@ -159,10 +170,22 @@ class FailWindow(Record):
         >>> w.mark_newest()
         >>> w.scan(16, 6.0, 0.01, 3, 0.0, 60.0, -2.0, after_reported=True) is None
         True
+
+        Calls skipped since a record (failed retries) are not in its windows:
+
+        >>> v = FailWindow(4)
+        >>> v.add(1.0, 10); v.add(2.0, 20)
+        >>> v.scan(30, 3.0, 0.01, 1, 0.0, 60.0, 0.0)[:2]
+        (1, 20)
+        >>> for _ in range(5):
+        ...     v.skip()
+        >>> v.scan(30, 3.0, 0.01, 1, 0.0, 60.0, 0.0)[:2]
+        (1, 15)
         """
         lim = int((now - max_window_s) * 1000.0)
         short = int((now - min_window_s) * 1000.0)
-        ts, idx, cl = self.ts, self.idx, self.cls
+        ts, idx, cl, rfi = self.ts, self.idx, self.cls, self.rfi
+        rf = self.rf
         # newest first: slot(j) for j = 0, 1, ... without the method call,
         # and each ring element read once (compiled, an array read is a
         # generic item call that boxes the value: most of a failed call's cost)
@@ -180,7 +203,7 @@ class FailWindow(Record):
                     break
                 continue
             if f >= min_failures and (t <= short or f >= 2 * min_failures):
-                n = calls - idx[s]
+                n = calls - idx[s] - (rf - rfi[s])
                 if f >= min_rate * n:
                     lp = log10_binom_tail(f, n, p)
                     if lp <= log10_alpha:

@@ -366,6 +366,29 @@ def test_a_reported_spikes_failures_are_no_evidence_of_a_new_one():
     assert len(fs) == 2 and fs[1].detected_at.timestamp() >= T0 + 5720
 
 
+def test_failure_windows_count_a_retried_request_once():
+    # 2 in 10 requests fail with a 503, each retried twice in vain: 2 failed
+    # requests per 14 calls (14 %), but 2 per 10 requests (20 %) at a
+    # baseline of 1-2 %.  Failed retries count neither as failures nor as
+    # calls, in the windows and the baseline alike
+    evs = steady("f", 400)
+    t = T0 + 2400.5
+    for k in range(100):
+        if k % 10 < 2:
+            evs += [event(7000 + 10 * k + a, t + 6 * k + 1.5 * a, "f", status=503,
+                          error="upstream_5xx", request_hash=f"x{k}", attempt=a)
+                    for a in range(3)]
+        else:
+            evs.append(event(7000 + 10 * k, t + 6 * k, "f", request_hash=f"x{k}"))
+    fs = [f for f in run(sorted(evs, key=lambda d: d["ts"]))
+          if f.kind in ("failure_spike", "retry_storm") and f.revision == 0]
+    assert [f.kind for f in fs] == ["failure_spike"]
+    f = fs[0]
+    # the window's calls are its requests: failures / calls near 2 in 10
+    assert f.evidence["failures"] / f.evidence["calls"] == pytest.approx(f.observed)
+    assert 0.18 <= f.observed <= 0.3
+
+
 def test_token_spike_and_not_on_bursts():
     # a consumer alternating silence and 4x bursts for 2 h: normal
     evs = []
