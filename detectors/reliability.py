@@ -123,8 +123,9 @@ class FailWindow(Record):
 
     def skip(self) -> None:
         """A call of the consumer that windows do not count: a failed retry
-        of a failing request (its failure is counted once) or a failure
-        the upstream's outage explains."""
+        of a failing request (its failure is counted once) or an upstream
+        failure the model scope judges (an outage, or the model failing for
+        other consumers too)."""
         self.rf += 1
 
     def mark_newest(self) -> None:
