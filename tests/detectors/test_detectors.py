@@ -344,6 +344,31 @@ def test_an_outages_failures_do_not_teach_the_consumers_failure_baseline():
     assert abs((hit[1].detected_at - spared[1].detected_at).total_seconds()) <= 60
 
 
+def test_failures_deferred_only_because_others_fail_too_still_teach_the_baseline():
+    # every 5 minutes three of a model's eight other consumers fail for
+    # 40 s, too few failures for an outage; s's failures then (one call in
+    # 15) are deferred to the model scope, so they are kept out of its
+    # windows, but with no outage open they are its background and teach
+    # its baseline: learning none of them left a busy consumer's baseline
+    # at a third of its rate (held-out seed 22), too low to learn again
+    evs = []
+    for c in range(8):
+        evs += steady(f"m{c}", 540, gap=20.0, model="gpt-4o-mini", i0=c * 10_000,
+                      start=T0 + 2.5 * c)
+    evs += steady("s", 540, gap=20.0, model="gpt-4o-mini", i0=100_000, start=T0 + 1.0)
+    for d in evs:
+        phase = (UsageEvent.model_validate(d).ts.timestamp() - T0) % 300
+        others = d["consumer"] in ("m0", "m1", "m2") and 100 <= phase < 140
+        own = d["consumer"] == "s" and 120 <= phase < 140
+        if others or own:
+            d.update(status=503, error="upstream_5xx", output_tokens=0)
+    eng = Engine()
+    assert [f for f in run(sorted(evs, key=lambda d: d["ts"]), eng) if f.revision == 0] == []
+    described = eng.describe("s")
+    assert described is not None
+    assert described["failure_rate"] == pytest.approx(1 / 15, rel=0.1)
+
+
 def test_a_reported_spikes_failures_are_no_evidence_of_a_new_one():
     # a client-error spike, its tail (a failing call every 30 s), silence,
     # then 45 minutes later one 503: windows reaching back into the reported
