@@ -1179,7 +1179,7 @@ class Engine:
                              after_reported=not open_)
                 if hit is not None:
                     p0, floor = pc, fl_c
-            if hit is None and not self._failure_open(cs) and w.scan(
+            if hit is None and not open_ and w.scan(
                     cs.calls, ts, pc_hi, 2, 0.0, hot.fs_max_window, -3.0, only=CLIENT) is None:
                 w.teach_client(cs.calls, keep)
         if hit is None:
