@@ -1,21 +1,24 @@
 """Online baselines: small, pure, I/O-free statistics keyed by the engine.
 
-* :class:`MinuteSeries` -- exponentially weighted mean and variance of a
-  per-minute total (tokens, cost), built on river's ``EWMean``/``EWVar``.
+* :func:`ew_first` -- river's ``EWMean`` step; on a value and its square it
+  gives river's ``EWVar`` of a per-minute total (tokens), exactly, in two
+  floats: a river object per consumer would not fit the memory budget.
   Empty minutes are fed as zeros, so a bursty consumer's baseline carries the
   variance of its bursts and silences.
-* :class:`EW` -- the same recursion as river's ``EWVar`` in two floats, for
-  places where a river object per key would not fit the memory budget.
+* :class:`EW` -- an EW mean and variance in two floats (the incremental
+  form), for the call rate and call sizes.
 * :class:`LogBaseline` -- per (consumer, model) log-scale EW mean/variance and
   a slowly decaying maximum, for the size of one call.
 * :func:`binom_surprise` -- the Chernoff bound of a one-sided binomial test.
 
->>> s = MinuteSeries(halflife_min=60)
->>> for x in (100, 120, 80, 100):
-...     s.update(x)
->>> round(s.mean), s.sd() > 0
-(100, True)
->>> s.fill_zeros(60); round(s.mean)
+>>> a, m = alpha_for_halflife(60), 0.0
+>>> for n, x in enumerate((100, 120, 80, 100)):
+...     m = ew_first(n, m, x, a)
+>>> round(m)
+100
+>>> for _ in range(60):
+...     m = ew_first(4, m, 0.0, a)
+>>> round(m)
 50
 >>> e = EW(10.0); e.update(20.0, 0.5); (e.mean, e.var)
 (15.0, 25.0)
@@ -26,9 +29,7 @@
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Final
-
-from river import stats
+from typing import Final
 
 from .record import Record
 
@@ -41,64 +42,28 @@ def alpha_for_halflife(halflife: float) -> float:
     return 1.0 - 0.5 ** (1.0 / max(halflife, 1e-9))
 
 
-class MinuteSeries(Record):
-    """EW mean and variance of a per-minute total: river's ``EWVar`` for the
-    variance; the mean is river's ``EWMean`` recursion (the first value, then
-    ``a x + (1 - a) mean``) in a float, one river object per series instead
-    of two."""
+def ew_first(n: int, mean: float, x: float, a: float) -> float:
+    """One step of river's ``EWMean`` (``n`` values so far): the first value,
+    then ``a x + (1 - a) mean``.  With the same step on ``x**2``, the EW
+    variance is ``mean(x**2) - mean(x)**2``: river's ``EWVar``, exactly (its
+    two EW means), in two floats instead of a river object of about 370 bytes
+    per key (see :class:`~detectors.state.ConsumerState`).
 
-    __slots__ = ("_v", "mean", "n")
-
-    # empty minutes fed one by one; beyond this the weight is negligible
-    MAX_FILL: ClassVar[int] = 240
-
-    def __init__(self, halflife_min: float = 60.0, alpha: float | None = None) -> None:
-        a = alpha_for_halflife(halflife_min) if alpha is None else alpha
-        self._v = stats.EWVar(fading_factor=a)
-        self.mean = 0.0
-        self.n = 0
-
-    def update(self, x: float) -> None:
-        self.mean = minute_update(self._v, self.n, self.mean, x)
-        self.n += 1
-
-    def fill_zeros(self, k: int) -> None:
-        k = min(k, self.MAX_FILL)
-        self.mean = minute_fill_zeros(self._v, self.n, self.mean, k)
-        self.n += max(k, 0)
-
-    def sd(self) -> float:
-        return minute_sd(self._v)
-
-
-def minute_update(v: stats.EWVar, n: int, mean: float, x: float) -> float:
-    """Feed ``x`` to river's EWVar ``v`` (``n`` values so far); return the new
-    EW mean (river EWMean's recursion: the first value, then a x + (1 - a) m)."""
-    v.update(x)
-    if n:
-        a = v.fading_factor
-        return a * x + (1.0 - a) * mean
-    return x
-
-
-def minute_fill_zeros(v: stats.EWVar, n: int, mean: float, k: int) -> float:
-    """:func:`minute_update` with ``k`` zeros (k <= MAX_FILL)."""
-    if k <= 0:
-        return mean
-    a = v.fading_factor
-    m = mean if n else 0.0
-    for _ in range(k):
-        v.update(0.0)
-        m = a * 0.0 + (1.0 - a) * m
-    return m
-
-
-def minute_sd(v: stats.EWVar) -> float:
-    return math.sqrt(max(v.get(), 0.0))
+    >>> from river import stats
+    >>> v, a = stats.EWVar(fading_factor=0.3), 0.3
+    >>> m = m2 = 0.0
+    >>> for n, x in enumerate((0.0, 0.0, 120.0, 80.0, 0.0, 4000.0, 35.5)):
+    ...     v.update(x)
+    ...     m, m2 = ew_first(n, m, x, a), ew_first(n, m2, x * x, a)
+    >>> m2 - m * m == v.get()
+    True
+    """
+    return a * x + (1.0 - a) * mean if n else x
 
 
 class EW(Record):
-    """EW mean/variance in two floats (river's ``EWVar`` recursion)."""
+    """EW mean/variance in two floats: the incremental form of river's
+    ``EWVar`` (equal to it up to rounding)."""
 
     __slots__ = ("mean", "var")
 

@@ -59,8 +59,10 @@ from .volume import (
 # price has its own means, learnt a minute late; 12: the rate windows'
 # baselines are attributes, out of the Volume's array; 13: so is the current
 # 10 s bucket; 14: both rings are attributes (shift registers by age), no array;
-# the repeat and run tables keyed by (consumer, hash / run) tuples
-SNAPSHOT_VERSION: Final = 15
+# the repeat and run tables keyed by (consumer, hash / run) tuples; 15: failure
+# rings count skipped calls; 16: the token series is two floats, no river
+# object; failure rings are one array; heavy-hitter sources are digests
+SNAPSHOT_VERSION: Final = 16
 TICK_S: Final = 15.0
 SWEEP_S: Final = 60.0
 # decayed failures of a request (tau_s) above which a new failure is a retry:
@@ -421,7 +423,7 @@ class Engine:
         return out
 
     def snapshot(self) -> bytes:
-        """The full state, as bytes (pickle; river is pinned)."""
+        """The full state, as bytes (pickle of the engine's own records)."""
         # compiled (mypyc), the engine has no __dict__: its class lists its attributes
         names = getattr(type(self), "__mypyc_attrs__", None) or list(self.__dict__)
         state = {k: getattr(self, k) for k in names if k not in _NOT_SNAPSHOT}
@@ -498,12 +500,7 @@ class Engine:
     # ------------------------------------------------------------ plumbing
     def _new_consumer(self, event: UsageEvent, ts: float) -> ConsumerState:
         cfg = self.config.settings_for(event.tenant, event.consumer)
-        hl = cfg.token_spike.halflife_min
-        self._alpha(hl)
-        # the cached float object itself (dict.get keeps it boxed): every
-        # consumer's river EWVar shares it (see ConsumerState)
-        cs = ConsumerState(event.consumer, event.tenant, cfg, ts, self._alphas.get(hl),
-                           self._hot(cfg))
+        cs = ConsumerState(event.consumer, event.tenant, cfg, ts, self._hot(cfg))
         self._consumers[event.consumer] = cs
         return cs
 
@@ -613,7 +610,7 @@ class Engine:
     def _close_minutes(self, cs: ConsumerState, m: int, ts: float, out: list[Finding]) -> None:
         """Close the consumer's current minute (and the empty minutes after it):
         the 5 min token / cost windows are tested and learnt from, and the
-        per-minute baselines other rules use (calls per minute, the river
+        per-minute baselines other rules use (calls per minute, the
         token series) are updated.  Nothing learns while an episode of its kind
         is open (after two hours the new level is accepted)."""
         tc = cs.cfg.token_spike
@@ -630,7 +627,7 @@ class Engine:
                      thr_t, thr_c, cs.cfg.cost_spike.min_calls)
         ca = self._alpha(tc.halflife_min)
         if learn_t:
-            cs.tok_update(x_tok)
+            cs.tok_update(x_tok, ca)
         # a minute where most calls failed (retries included), or while the
         # consumer's failure spike or retry storm is open, does not teach the
         # call rate: a storm of requests each retried a normal two or three
@@ -646,7 +643,7 @@ class Engine:
             cs.cpm_mean += inc
             cs.cpm_var = (1.0 - ca) * (cs.cpm_var + d * inc)
         if gap > 0:
-            cs.tok_fill_zeros(gap)
+            cs.tok_fill_zeros(gap, ca)
             mean, var = cs.cpm_mean, cs.cpm_var
             for _ in range(min(gap, 240)):
                 d = 0.0 - mean

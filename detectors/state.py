@@ -1,9 +1,10 @@
 """Per-key state of the detection engine: compact ``__slots__`` records.
 
 Memory matters (one :class:`ConsumerState` per tracked consumer, 100k+ of
-them), so only the per-minute token baseline uses a river object
-(:class:`~detectors.baselines.MinuteSeries`); everything else is a handful of
-floats.  Per-(consumer, model) call-size baselines exist only for the models a
+them, in 2 KiB each), so every baseline is a handful of floats: the per-minute
+token baseline is river's ``EWVar`` kept as its two EW means
+(:func:`~detectors.baselines.ew_first`), not a river object.
+Per-(consumer, model) call-size baselines exist only for the models a
 consumer actually uses, and request-hash trackers only once a hash repeats.
 """
 
@@ -12,22 +13,15 @@ from __future__ import annotations
 import math
 from typing import Any, Final
 
-from river import stats
-
-from .baselines import (
-    LogBaseline,
-    MinuteSeries,
-    alpha_for_halflife,
-    minute_fill_zeros,
-    minute_sd,
-    minute_update,
-)
+from .baselines import LogBaseline, alpha_for_halflife, ew_first
 from .config import Settings
 from .record import Record
 from .reliability import FailWindow, HashWindow
 from .volume import BUCKET_S, Volume
 
 INF: Final = float("inf")
+# empty minutes fed to the token series one by one; beyond, the weight is negligible
+MAX_FILL: Final = 240
 
 
 class HotSettings:
@@ -197,13 +191,13 @@ class ConsumerState(Volume):
         "sz_n",
         "sz_var",
         "tenant",
+        "tok_m2",
         "tok_mean",
         "tok_n",
-        "tok_v",
     )
 
     def __init__(self, key: str, tenant: str, cfg: Settings, ts: float,
-                 tok_alpha: float | None = None, hot: HotSettings | None = None) -> None:
+                 hot: HotSettings | None = None) -> None:
         # 60 s / 5 min rate windows (token_spike, cost_spike), then the figures above
         Volume.__init__(self, ts)
         self.key = key
@@ -233,8 +227,9 @@ class ConsumerState(Volume):
         self.fl: float = 0.0
         self.f_base: float = 0.0
         self.n_base: float = 0.0
-        # tokens / minute, EW mean (the variance: river, tok_v)
+        # tokens / minute: EW means of x and x**2 (river's EWVar: tok_sd)
         self.tok_mean: float = 0.0
+        self.tok_m2: float = 0.0
         # log input tokens of independent calls (token_spike, call-size rule):
         # slow per-minute EW mean and per-call variance, minutes learnt, a fast
         # decayed sum and count (~5 min), the current minute's sum, sum of
@@ -248,14 +243,6 @@ class ConsumerState(Volume):
         self.sz_msq: float = 0.0
         self.sz_mn: float = 0.0
         self.m_calls = 0
-        # tokens / minute: a MinuteSeries kept in place (river EWVar, mean in tok_mean)
-        # typed object, the weight stays the engine's one float object for
-        # every consumer (compiled, a float variable would be unboxed and
-        # boxed anew here: 24 bytes more per consumer, in river's instance dict)
-        fading: object = tok_alpha
-        if tok_alpha is None:
-            fading = alpha_for_halflife(cfg.token_spike.halflife_min)
-        self.tok_v = stats.EWVar(fading_factor=fading)  # type: ignore[arg-type]  # a float
         self.tok_n = 0
         self.calls = 0
         self.fwin: FailWindow | None = None  # last failures (failure_spike), lazily
@@ -273,18 +260,22 @@ class ConsumerState(Volume):
         st[1].pop("hot", None)
         return st
 
-    def tok_update(self, x: float) -> None:
-        """:meth:`MinuteSeries.update` of the tokens / minute series."""
-        self.tok_mean = minute_update(self.tok_v, self.tok_n, self.tok_mean, x)
-        self.tok_n += 1
+    def tok_update(self, x: float, a: float) -> None:
+        """Learn a minute's tokens ``x`` (``a``: the EW weight)."""
+        n = self.tok_n
+        self.tok_mean = ew_first(n, self.tok_mean, x, a)
+        self.tok_m2 = ew_first(n, self.tok_m2, x * x, a)
+        self.tok_n = n + 1
 
-    def tok_fill_zeros(self, k: int) -> None:
-        k = min(k, MinuteSeries.MAX_FILL)
-        self.tok_mean = minute_fill_zeros(self.tok_v, self.tok_n, self.tok_mean, k)
-        self.tok_n += max(k, 0)
+    def tok_fill_zeros(self, k: int, a: float) -> None:
+        """Learn ``k`` empty minutes (at most :data:`MAX_FILL`: beyond, the
+        weight of what came before is negligible)."""
+        for _ in range(min(k, MAX_FILL)):
+            self.tok_update(0.0, a)
 
     def tok_sd(self) -> float:
-        return minute_sd(self.tok_v)
+        """The EW standard deviation (river's ``EWVar``: m2 - mean**2)."""
+        return math.sqrt(max(self.tok_m2 - self.tok_mean * self.tok_mean, 0.0))
 
     def model_baseline(self, model: str) -> ModelCallBaseline:
         """The (consumer, model) call-size baseline, created on first use."""

@@ -753,13 +753,32 @@ def test_eviction_bounds_state():
     assert eng.tracked_consumers() == 1
 
 
-def test_consumers_share_their_river_weight():
-    """Each consumer's river EWVar keeps its weight in an instance dict: one
-    float object for all of them (24 bytes a consumer of a 2 KiB budget)."""
-    eng = Engine()
-    run([event(0, T0, "a"), event(1, T0, "b")], eng)
-    a, b = (eng._consumers[k].tok_v.fading_factor for k in ("a", "b"))
-    assert a is b and 0 < a < 1
+def test_the_token_series_is_rivers_ewvar_in_two_floats():
+    """The per-minute token baseline keeps river's EWMean and EWVar as two
+    floats (a river object per consumer costs about 370 bytes of a 2 KiB
+    budget): the same figures, bit for bit, over bursts and empty minutes."""
+    from river import stats
+
+    from detectors.baselines import alpha_for_halflife
+    from detectors.state import ConsumerState
+
+    a = alpha_for_halflife(60.0)
+    cs = ConsumerState("c", "t", DetectorConfig().settings_for("t", "c"), 0.0)
+    mean, var = stats.EWMean(fading_factor=a), stats.EWVar(fading_factor=a)
+    rng = random.Random(7)
+    for _ in range(500):
+        if rng.random() < 0.3:  # a gap of empty minutes
+            k = rng.choice((1, 3, 30, 300))
+            cs.tok_fill_zeros(k, a)
+            for _ in range(min(k, 240)):
+                mean.update(0.0)
+                var.update(0.0)
+        x = float(rng.choice((0, 850, 1200, 40_000, rng.randint(1, 10**6))))
+        cs.tok_update(x, a)
+        mean.update(x)
+        var.update(x)
+        assert cs.tok_mean == mean.get()
+        assert cs.tok_sd() == math.sqrt(max(var.get(), 0.0))
 
 
 def test_overrides_and_tenant_settings():
