@@ -179,8 +179,10 @@ class Volume(Record):
         self.tot1: float = 0.0
         self.w5: float = 0.0
         self.tot5: float = 0.0
-        self.src1: object = None  # heavy-hitter source (60 s); its weight and total: w1, tot1
-        self.src5: object = None  # same, 5 min (w5, tot5)
+        # heavy-hitter source (60 s), as its digest (see Engine's source_digest);
+        # its weight and total: w1, tot1.  -1: none yet
+        self.src1 = -1
+        self.src5 = -1  # same, 5 min (w5, tot5)
         # consecutive 5 min windows above threshold (bits 0-2 tokens, 3-5 cost, 6- persistent)
         self.hits5 = 0
         self.n = 0  # 10 s buckets learnt
@@ -198,7 +200,7 @@ class Volume(Record):
         self.hr = -1
 
     # ------------------------------------------------------------ per event
-    def add(self, tokens: int, cost: float, src: object, indep: bool = True) -> bool:
+    def add(self, tokens: int, cost: float, src: int, indep: bool = True) -> bool:
         """Count one call in the current bucket; ``indep``: an independent
         request (not a later call of a run), the only ones ``min_calls``
         counts.  True when a 60 s window reaches its pre-filter threshold."""
