@@ -22,9 +22,16 @@ same figure with the loaded events moved out of the cyclic GC's reach
 collection walk them; a service holds only the detector state (and could
 freeze what it loads at start-up).
 bytes/consumer (in a fresh process): ``--big`` consumers, each sending a few calls over a few
-minutes (so every per-consumer structure exists: minute baselines, per-model
-call sizes, failure counters); measured as RSS growth (includes river's Rust
-objects, which tracemalloc does not see), tracemalloc and snapshot size.
+minutes, one of them failed (so every per-consumer structure exists: minute
+baselines, per-model call sizes, failure counters and the failure ring that
+nearly every consumer of real traffic holds); measured as RSS growth,
+tracemalloc and snapshot size.
+
+``--real SEED`` sizes the consumers of real traffic instead: the held-out
+generator's seed (6 h, ``--consumers``), each tracked consumer's own objects
+after the run (the objects it alone refers to, strings of the events it keeps
+included; settings and model names that consumers share are not counted):
+median, p90 and largest.
 """
 
 from __future__ import annotations
@@ -83,8 +90,11 @@ def per_consumer(n: int) -> tuple[float, float, float]:
     evs = []
     for c in range(n):
         for k in range(4):
+            # one call of each consumer fails (a client error, counted against it)
             evs.append(UsageEvent(event_id=f"e{c}-{k}", ts=t0 + timedelta(seconds=k * 70 + c % 60),
-                                  consumer=f"consumer-{c:06d}", model=models[c % 3], status=200,
+                                  consumer=f"consumer-{c:06d}", model=models[c % 3],
+                                  status=400 if k == 2 else 200,
+                                  error="bad_request" if k == 2 else None,
                                   input_tokens=800, output_tokens=200,
                                   reasoning_tokens=120 if c % 3 == 2 else 0, latency_ms=3000.0,
                                   request_hash=f"h{c}-{k}"))
@@ -108,6 +118,60 @@ def per_consumer(n: int) -> tuple[float, float, float]:
     m1 = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     return (r1 - r0) / n, (m1 - m0) / n, snap / n
+
+
+def _deep(o: object, seen: set[int]) -> int:
+    """Bytes of ``o`` and what it refers to, once each (``seen``).  A
+    compiled record's int and float attributes are stored unboxed in it."""
+    if o is None or id(o) in seen:
+        return 0
+    seen.add(id(o))
+    n = sys.getsizeof(o)
+    if isinstance(o, dict):
+        for k, v in o.items():
+            n += _deep(k, seen) + _deep(v, seen)
+    elif isinstance(o, (list, tuple)):
+        for v in o:
+            n += _deep(v, seen)
+    native = hasattr(type(o), "__mypyc_attrs__")
+    names: set[str] = set()
+    for cls in type(o).__mro__:
+        names.update(getattr(cls, "__slots__", ()), getattr(cls, "__mypyc_attrs__", ()))
+    if hasattr(o, "__dict__") and not native:
+        n += _deep(vars(o), seen)
+    for name in names:
+        v = getattr(o, name, None)
+        if native and isinstance(v, (bool, int, float)):
+            continue
+        n += _deep(v, seen)
+    return n
+
+
+def real_consumers(seed: int, consumers: int) -> list[int]:
+    """Bytes of each tracked consumer's own objects after 6 h of the
+    held-out generator's traffic (see the module doc)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from collections import Counter
+
+    from evaluate_detectors import load
+    evs, _, _ = load("holdout", seed, 6.0, consumers, cache=True)
+    eng = Engine()
+    mx = evs[0].ts
+    for i, ev in enumerate(evs):
+        eng.observe(ev)
+        if ev.ts > mx:
+            mx = ev.ts
+        if i % 500 == 499:
+            eng.advance(mx)
+    states = list(eng._consumers.values())
+    # objects two consumers refer to (settings, model and tenant names) are shared
+    refs: Counter[int] = Counter()
+    for cs in states:
+        seen: set[int] = {0}
+        _deep(cs, seen)
+        refs.update(seen)
+    shared = {i for i, c in refs.items() if c > 1}
+    return sorted(_deep(cs, set(shared) | {0}) for cs in states)
 
 
 def compare(hours: float, consumers: int, runs: int, traffic: str = "sim", seed: int = 1) -> int:
@@ -146,12 +210,21 @@ def main() -> int:
     ap.add_argument("--gc-freeze", action="store_true",
                     help="also time with the loaded events frozen out of the cyclic GC")
     ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--real", type=int, metavar="SEED",
+                    help="size the consumers of the held-out generator's traffic (seed)")
     ap.add_argument("--compare", action="store_true",
                     help="time the interpreted and the compiled detectors (fresh processes)")
     ap.add_argument("--timing-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.compare:
         return compare(a.hours, a.consumers, a.runs, a.traffic, a.seed)
+    if a.real is not None:
+        b = real_consumers(a.real, a.consumers)
+        print(f"state of {len(b)} consumers after 6 h of held-out traffic (seed {a.real}, "
+              f"{detectors.IMPLEMENTATION}): median {statistics.median(b):.0f} bytes, "
+              f"p90 {b[int(0.9 * len(b))]}, largest {b[-1]}; over 2 KiB: "
+              f"{sum(1 for x in b if x > 2048)}")
+        return 0
     if a.memory_only:
         r, t, s = per_consumer(a.big)
         print(f"state at {a.big} consumers ({detectors.IMPLEMENTATION}): {r:.0f} bytes/consumer "
