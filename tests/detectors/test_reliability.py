@@ -9,7 +9,14 @@ import random
 import pytest
 
 from detectors import DetectorConfig, Engine
-from detectors.reliability import FailWindow, HashWindow, log10_binom_tail
+from detectors.reliability import (
+    CLIENT,
+    REPORTED,
+    UPSTREAM,
+    FailWindow,
+    HashWindow,
+    log10_binom_tail,
+)
 from ingest.event import UsageEvent
 
 from .drive import first, run
@@ -65,6 +72,17 @@ def test_windows_are_exact_rings():
     # anchored at the 3rd latest failure (call 30, left out): 2 failures in calls 31..60
     hit = w.scan(60, 106.0, 0.01, 2, 0.0, 3600, -1.0)
     assert hit is not None and hit[:2] == (2, 30)
+    # a record is two words: time with class, call counter with skipped calls
+    v = FailWindow(2)
+    v.add(1_900_000_000.5, -3, CLIENT)  # a timeout's window may start before call 0
+    for _ in range(70_000):
+        v.skip()
+    v.mark_newest()
+    assert v.get(0) == (1_900_000_000_500, -3) and v.cls_of(0) == CLIENT | REPORTED
+    assert v.skipped_since(0) == 70_000
+    v.add(1_900_000_001.0, 2**34)
+    assert v.get(0) == (1_900_000_001_000, 2**34) and v.get(1) == (1_900_000_000_500, -3)
+    assert v.skipped_since(0) == 0 and v.cls_of(0) == UPSTREAM
     h = HashWindow(3)
     for t, bad in ((0.0, False), (50.0, True), (70.0, True), (75.0, True)):
         h.add(t, bad)

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from detectors import DetectorConfig, Engine
+from detectors.engine import source_digest
 from detectors.volume import Volume
 
 from .drive import first, run
 from .synth import T0, event
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def bursty(consumer: str, minutes: int, seed: int = 1, rate: float = 6.0, size: int = 2000,
@@ -34,15 +41,38 @@ def bursty(consumer: str, minutes: int, seed: int = 1, rate: float = 6.0, size: 
 def test_window_trims_the_largest_call_and_tracks_sources():
     v = Volume(0.0)
     for k in range(4):
-        v.add(1000, 0.0, f"s{k}")
-    v.add(1_000_000, 0.0, "giant")
+        v.add(1000, 0.0, source_digest(f"s{k}"))
+    v.add(1_000_000, 0.0, source_digest("giant"))
     mt, _ = v.largest1()
     assert v.wt - mt == 4000 and v.wn == 5
     assert v.dominated1()  # the giant call is most of the window
     w = Volume(0.0)
     for k in range(20):
-        w.add(1000, 0.0, f"s{k}")
+        w.add(1000, 0.0, source_digest(f"s{k}"))
     assert not w.dominated1()
+    # one source in many small calls (an agent run): its id arrives as a new
+    # string object with each event
+    u = Volume(0.0)
+    for k in range(20):
+        u.add(1000, 0.0, source_digest("".join(("run-", "ö", str(k % 1)))))
+    u.add(1000, 0.0, source_digest("other"))
+    assert u.dominated1()
+
+
+def test_source_digests_are_the_same_in_every_process():
+    """The heavy-hitter counter keeps a digest of each source id: a snapshot
+    restored in another process must still match it (``hash()`` of a string
+    is salted per process), ids in any script included."""
+    ids = ["trace-0001", "sessão-ü", "会话-7", "h" * 64, "emoji-\U0001F600", ""]
+    here = [source_digest(i) for i in ids]
+    assert len(set(here)) == len(ids) and all(d >= 0 for d in here)
+    code = ("import json, sys; from detectors.engine import source_digest; "
+            "print(json.dumps([source_digest(i) for i in json.loads(sys.argv[1])]))")
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        r = subprocess.run([sys.executable, "-c", code, json.dumps(ids)], env=env,
+                           capture_output=True, text=True, check=True, cwd=ROOT)
+        assert json.loads(r.stdout) == here
 
 
 def test_bursty_normal_traffic_is_quiet():
