@@ -46,6 +46,7 @@ import time
 import tracemalloc
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -84,7 +85,7 @@ def per_event(hours: float, consumers: int, runs: int, freeze: bool = False,
     return statistics.median(times), len(evs)
 
 
-def per_consumer(n: int) -> tuple[float, float, float]:
+def per_consumer(n: int) -> tuple[float, float, float, float]:
     t0 = datetime(2026, 1, 5, tzinfo=UTC)
     models = ("gpt-4o", "gpt-4o-mini", "o3-mini")
     evs = []
@@ -117,7 +118,22 @@ def per_consumer(n: int) -> tuple[float, float, float]:
         eng.observe(ev)
     m1 = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
-    return (r1 - r0) / n, (m1 - m0) / n, snap / n
+    return (r1 - r0) / n, (m1 - m0) / n, snap / n, statistics.median(
+        own_sizes(list(eng._consumers.values())[:2000]))
+
+
+def own_sizes(states: list[Any]) -> list[int]:
+    """Bytes of each consumer's own objects, sorted: what it alone refers
+    to (objects two consumers refer to, such as settings and model and
+    tenant names, are shared)."""
+    from collections import Counter
+    refs: Counter[int] = Counter()
+    for cs in states:
+        seen: set[int] = {0}
+        _deep(cs, seen)
+        refs.update(seen)
+    shared = {i for i, c in refs.items() if c > 1}
+    return sorted(_deep(cs, set(shared) | {0}) for cs in states)
 
 
 def _deep(o: object, seen: set[int]) -> int:
@@ -151,8 +167,6 @@ def real_consumers(seed: int, consumers: int) -> list[int]:
     """Bytes of each tracked consumer's own objects after 6 h of the
     held-out generator's traffic (see the module doc)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from collections import Counter
-
     from evaluate_detectors import load
     evs, _, _ = load("holdout", seed, 6.0, consumers, cache=True)
     eng = Engine()
@@ -163,15 +177,7 @@ def real_consumers(seed: int, consumers: int) -> list[int]:
             mx = ev.ts
         if i % 500 == 499:
             eng.advance(mx)
-    states = list(eng._consumers.values())
-    # objects two consumers refer to (settings, model and tenant names) are shared
-    refs: Counter[int] = Counter()
-    for cs in states:
-        seen: set[int] = {0}
-        _deep(cs, seen)
-        refs.update(seen)
-    shared = {i for i, c in refs.items() if c > 1}
-    return sorted(_deep(cs, set(shared) | {0}) for cs in states)
+    return own_sizes(list(eng._consumers.values()))
 
 
 def compare(hours: float, consumers: int, runs: int, traffic: str = "sim", seed: int = 1) -> int:
@@ -226,10 +232,11 @@ def main() -> int:
               f"{sum(1 for x in b if x > 2048)}")
         return 0
     if a.memory_only:
-        r, t, s = per_consumer(a.big)
+        r, t, s, o = per_consumer(a.big)
         print(f"state at {a.big} consumers ({detectors.IMPLEMENTATION}): {r:.0f} bytes/consumer "
               f"(RSS growth, fresh process), {t:.0f} (tracemalloc, Python objects only), "
-              f"{s:.0f} (snapshot)")
+              f"{s:.0f} (snapshot); a consumer's own objects {o:.0f} (median; the rest is "
+              "the engine's tables of request hashes and timers)")
         return 0
     us, n = per_event(a.hours, a.consumers, a.runs, traffic=a.traffic, seed=a.seed)
     what = "simulated" if a.traffic == "sim" else f"held-out (seed {a.seed})"
