@@ -60,6 +60,18 @@ def rss() -> int:
         return int(f.read().split()[1]) * 4096
 
 
+def feed(eng: Engine, evs: list[UsageEvent]) -> None:
+    """Every event in order, the clock advanced every 500 events (as the
+    pipeline's batches do)."""
+    mx = evs[0].ts
+    for i, ev in enumerate(evs):
+        eng.observe(ev)
+        if ev.ts > mx:
+            mx = ev.ts
+        if i % 500 == 499:
+            eng.advance(mx)
+
+
 def per_event(hours: float, consumers: int, runs: int, freeze: bool = False,
               traffic: str = "sim", seed: int = 1) -> tuple[float, int]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -72,13 +84,7 @@ def per_event(hours: float, consumers: int, runs: int, freeze: bool = False,
         if freeze:
             gc.freeze()
         t0 = time.perf_counter()
-        mx = evs[0].ts
-        for i, ev in enumerate(evs):
-            eng.observe(ev)
-            if ev.ts > mx:
-                mx = ev.ts
-            if i % 500 == 499:
-                eng.advance(mx)
+        feed(eng, evs)
         times.append((time.perf_counter() - t0) / len(evs) * 1e6)
         if freeze:
             gc.unfreeze()
@@ -170,13 +176,7 @@ def real_consumers(seed: int, consumers: int) -> list[int]:
     from evaluate_detectors import load
     evs, _, _ = load("holdout", seed, 6.0, consumers, cache=True)
     eng = Engine()
-    mx = evs[0].ts
-    for i, ev in enumerate(evs):
-        eng.observe(ev)
-        if ev.ts > mx:
-            mx = ev.ts
-        if i % 500 == 499:
-            eng.advance(mx)
+    feed(eng, evs)
     return own_sizes(list(eng._consumers.values()))
 
 
