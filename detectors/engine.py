@@ -33,7 +33,7 @@ from typing import Any, Final
 
 from ingest.event import UsageEvent
 
-from .baselines import LN10, LogBaseline, alpha_for_halflife, binom_surprise, ew_sd
+from .baselines import LN10, alpha_for_halflife, binom_surprise, ew_sd
 from .config import DetectorConfig, RunawayConfig, Settings
 from .episodes import EpisodeBook
 from .finding import Finding
@@ -42,6 +42,7 @@ from .state import (
     INF,
     ConsumerState,
     HotSettings,
+    LogPair,
     ModelCallBaseline,
     ModelState,
     RepeatState,
@@ -63,7 +64,7 @@ from .volume import (
 # the repeat and run tables keyed by (consumer, hash / run) tuples; 15: failure
 # rings count skipped calls; 16: the token series is two floats, no river
 # object; failure rings are one array; heavy-hitter sources are digests
-SNAPSHOT_VERSION: Final = 16
+SNAPSHOT_VERSION: Final = 17
 TICK_S: Final = 15.0
 SWEEP_S: Final = 60.0
 # decayed failures of a request (tau_s) above which a new failure is a retry:
@@ -75,8 +76,10 @@ MODEL_SAMPLE: Final = 4  # model-wide call-size baselines learn from one call in
 PRIOR_RUN_HI: Final = 30.0  # calls in a long normal agent run (tau-bench: 0-27 tool calls)
 _LN2: Final = math.log(2.0)  # the call-size rule clips a learnt minute to within 2x of the usual
 # the config and values derived from it
-_NOT_SNAPSHOT: Final = frozenset(("config", "_model_half", "_hots"))
-_NO_RUNS: Final = LogBaseline()  # the run-length baseline of a consumer without completed runs
+_NOT_SNAPSHOT: Final = frozenset(("config", "_model_half", "_hots", "_names"))
+# tenant and model names kept once (Engine._name); beyond, the table starts afresh
+MAX_NAMES: Final = 65_536
+_NO_RUNS: Final = LogPair()  # the run-length baseline of a consumer without completed runs
 
 
 def _seen_get(seen: dict[str, Any], rh: str, consumer: str) -> float | None:
@@ -186,6 +189,10 @@ class Engine:
         self._due_min = 0  # the earliest minute in _due (when it is not empty)
         self._due_at = INF  # the end of that minute: the next timer
         self._alphas: dict[float, float] = {}
+        # one string per tenant and model name for the consumers that keep
+        # one: each event brings its own copy, and a consumer holding its
+        # first event's kept 50-60 bytes alive per name
+        self._names: dict[str, str] = {}
         self._cache_config()
 
     def _cache_config(self) -> None:
@@ -198,6 +205,16 @@ class Engine:
         self._hots: dict[int, HotSettings] = {
             id(s): HotSettings(s)
             for s in (self.config.settings, *self.config.tenants.values())}
+
+    def _name(self, s: str) -> str:
+        """The engine's copy of a tenant or model name."""
+        names = self._names
+        v = names.get(s)
+        if v is None:
+            if len(names) >= MAX_NAMES:
+                names.clear()  # an endless stream of names: stop sharing old ones
+            v = names[s] = s
+        return v
 
     def _hot(self, cfg: Settings) -> HotSettings:
         h = self._hots.get(id(cfg))
@@ -364,10 +381,9 @@ class Engine:
         # the call only teaches the baselines) is written out here
         lat_ms: float | None = ev["latency_ms"]
         if not failed and (out_tokens or lat_ms):
-            if model == cs.model1:
-                b: ModelCallBaseline = cs.mb1  # type: ignore[assignment]
-            else:
-                b = cs.model_baseline(model)
+            b = cs.mb1
+            if b is None or b.model != model:
+                b = cs.model_baseline(self._name(model))
             rsn: int = ev["reasoning_tokens"]
             if rsn > 0:
                 b.has_r = 1.0
@@ -457,8 +473,12 @@ class Engine:
             s = cache.get(key)
             if s is None:
                 s = cache[key] = eng.config.settings_for(cs.tenant, cs.key)
-            cs.cfg = s
             cs.hot = eng._hot(s)
+            cs.tenant = eng._name(cs.tenant)
+            b = cs.mb1
+            while b is not None:
+                b.model = eng._name(b.model)
+                b = b.nxt
         for ms in eng._models.values():
             if getattr(ms, "first_ts", None) is None:
                 # a snapshot from before first_ts existed: its models have
@@ -512,7 +532,7 @@ class Engine:
     # ------------------------------------------------------------ plumbing
     def _new_consumer(self, event: UsageEvent, ts: float) -> ConsumerState:
         cfg = self.config.settings_for(event.tenant, event.consumer)
-        cs = ConsumerState(event.consumer, event.tenant, cfg, ts, self._hot(cfg))
+        cs = ConsumerState(event.consumer, self._name(event.tenant), cfg, ts, self._hot(cfg))
         self._consumers[event.consumer] = cs
         return cs
 
@@ -1012,12 +1032,12 @@ class Engine:
         upstream's, not counted against the consumer)."""
         hot = cs.hot
         cls = failure_class(event.status, event.error)
-        if repeat_fail and cs.fwin is not None:
-            cs.fwin.skip()
+        if repeat_fail and cs.has_ring():
+            cs.skip()
         elif not repeat_fail and hot.fs_enabled:
-            w = cs.fwin
-            if w is None:
-                w = cs.fwin = FailWindow(max(2, cs.cfg.failure_spike.window_failures))
+            w = cs  # the consumer's failure window (see Volume)
+            if not w.has_ring():
+                w.start(max(2, cs.cfg.failure_spike.window_failures))
             # an upstream failure on a model that fails for its other consumers
             # too is the upstream's, not evidence against this consumer
             if cls == CLIENT or not (
@@ -1037,7 +1057,7 @@ class Engine:
                         prev = w.get(0)[1]
                         if idx < prev:
                             idx = prev
-                w.add(ts, idx, cls)
+                w.add_failure(ts, idx, cls)
             else:
                 cls = 0  # not counted
                 w.skip()
@@ -1083,7 +1103,7 @@ class Engine:
         # the settings from the consumer's HotSettings (read at every failed
         # call); the config dataclasses only to open a window or fire
         hot = cs.hot
-        w = cs.fwin
+        w: FailWindow | None = cs if cs.has_ring() else None
         # failures of an open episode are marked: once it has ended, no
         # window starts before its last one (held-out seed 32: a window
         # reaching 45 minutes back into a reported spike's failures made a
@@ -1093,7 +1113,7 @@ class Engine:
         if added and open_ and w is not None:
             w.mark_newest()
         model = event.model
-        if cs.models:
+        if cs.mb1 is not None and cs.mb1.nxt is not None:
             # the model this consumer's recent failures are on
             best = -1.0
             for name, _mb in cs.model_items():
@@ -1746,9 +1766,9 @@ class Engine:
         if hot.al_enabled and (ans >= hot.al_min_calls or r.tokens >= hot.al_min_tokens):
             ac = cs.cfg.agent_loop
             if cs.runs >= ac.warmup_runs:
-                thr_c = max(ac.min_calls, ac.ratio * (cs.run_calls or _NO_RUNS).high(2.33, 0.1))
+                thr_c = max(ac.min_calls, ac.ratio * (cs.run or _NO_RUNS).t_high(2.33, 0.1))
                 thr_t = max(ac.min_tokens,
-                            ac.token_ratio * (cs.run_tok or _NO_RUNS).high(2.33, 0.1))
+                            ac.token_ratio * (cs.run or _NO_RUNS).l_high(2.33, 0.1))
             else:
                 thr_c = float(max(ac.min_calls, ac.guard_calls))
                 thr_t = float(max(ac.min_tokens, ac.guard_tokens))
@@ -1764,8 +1784,8 @@ class Engine:
                 by_calls = ans / thr_c >= r.tokens / thr_t
                 obs, thr = (float(ans), thr_c) if by_calls else (float(r.tokens), thr_t)
                 crit = obs >= ac.critical_ratio * thr
-                base = ((cs.run_calls or _NO_RUNS).geomean() if by_calls
-                        else (cs.run_tok or _NO_RUNS).geomean()) if cs.runs else 0.0
+                base = ((cs.run or _NO_RUNS).t_geomean() if by_calls
+                        else (cs.run or _NO_RUNS).l_geomean()) if cs.runs else 0.0
                 rid = tid if tid is not None else sid
                 self._fire(out, kind="agent_loop", scope="session", subject=rid or "",
                            tenant=cs.tenant, consumer=cs.key, model=event.model, ts=ts,

@@ -13,7 +13,7 @@ True
 True
 >>> w = FailWindow(4)
 >>> for k, t in enumerate((10.0, 20.0, 30.0, 40.0, 50.0)):
-...     w.add(t, 10 * k)
+...     w.add_failure(t, 10 * k)
 >>> w.size, w.get(0), w.get(3)  # newest first; the oldest record was overwritten
 (4, (50000, 40), (20000, 10))
 >>> r = HashWindow(4)
@@ -83,6 +83,9 @@ def log10_binom_tail(f: int, n: int, p: float) -> float:
     return v if v < 0.0 else 0.0
 
 
+_NO_RING: Final = array("q")
+
+
 class FailWindow(Record):
     """The last ``k`` counted failures of one consumer, in one ``array('q')``
     ring of two words per failure: its time in ms with its class in the low
@@ -94,28 +97,50 @@ class FailWindow(Record):
     One array, not four (time, call counter, skipped calls, class): a
     consumer that has failed holds a ring, and nearly every consumer of
     real traffic has (432 bytes compiled at k = 16; 913 in four arrays).
+    A consumer's record *is* its failure window (see
+    :class:`~detectors.volume.Volume`), whose ring it allocates at its
+    first counted failure (:meth:`start`): 320 bytes then, where a window
+    of its own cost 432.  The number of records is not kept: a record's
+    first word is never 0 (its class is not), so a ring whose last slot is
+    0 has not wrapped yet.
 
     >>> w = FailWindow(4)
-    >>> w.add(1700000000.123, 12, CLIENT); w.skip(); w.skip()
+    >>> w.add_failure(1700000000.123, 12, CLIENT); w.skip(); w.skip()
     >>> w.get(0), w.cls_of(0), w.skipped_since(0)
     ((1700000000123, 12), 1, 2)
     """
 
-    __slots__ = ("cbase", "cbase_at", "head", "r", "rf", "size")
+    __slots__ = ("cbase", "cbase_at", "head", "r", "rf")
 
     def __init__(self, k: int = 16) -> None:
-        # (a repeated one-element array: built from bytes, the array
-        # over-allocates by 40 bytes)
-        self.r = array("q", (0,)) * (2 * k)
+        # k = 0: no ring yet (one empty array that every such window shares)
+        self.r = _NO_RING
+        self.start(k)
         # calls that do not count (see skip), a running count (the ring keeps
         # its low SKIP_BITS at each record)
         self.rf = 0
         self.head = 0  # slot of the next record
-        self.size = 0
         # EW count of CLIENT-class failures (decayed per call like the consumer's
         # failure baseline, lazily: only when read or when one is added)
         self.cbase = 0.0
         self.cbase_at = 0
+
+    def start(self, k: int) -> None:
+        """Allocate a ring of ``k`` records if there is none."""
+        if k > 0 and not len(self.r):
+            # (a repeated one-element array: built from bytes, the array
+            # over-allocates by 40 bytes)
+            self.r = array("q", (0,)) * (2 * k)
+
+    def has_ring(self) -> bool:
+        return len(self.r) != 0
+
+    @property
+    def size(self) -> int:
+        """Records in the ring."""
+        r = self.r
+        n = len(r)
+        return n >> 1 if n and r[n - 2] != 0 else self.head
 
     def client_base(self, calls: int, log_keep: float) -> float:
         """The EW client-failure count at call ``calls`` (``log_keep``: log of
@@ -126,15 +151,14 @@ class FailWindow(Record):
         self.cbase = self.client_base(calls, log_keep) + 1.0
         self.cbase_at = calls
 
-    def add(self, ts: float, call_idx: int, cls: int = UPSTREAM) -> None:
+    def add_failure(self, ts: float, call_idx: int, cls: int = UPSTREAM) -> None:
+        """Keep a failure (``cls``: CLIENT or UPSTREAM, never 0)."""
         h = self.head
         r = self.r
         r[2 * h] = int(ts * 1000.0) << 3 | cls
         r[2 * h + 1] = call_idx << SKIP_BITS | (self.rf & SKIP_MASK)
         k = len(r) >> 1
         self.head = h + 1 if h + 1 < k else 0
-        if self.size < k:
-            self.size += 1
 
     def skip(self) -> None:
         """A call of the consumer that windows do not count: a failed retry
@@ -188,7 +212,7 @@ class FailWindow(Record):
 
         >>> w = FailWindow(8)
         >>> for i in range(6):
-        ...     w.add(float(i), 10 + i)
+        ...     w.add_failure(float(i), 10 + i)
         >>> w.scan(16, 6.0, 0.01, 3, 0.0, 60.0, -2.0) is not None
         True
         >>> w.mark_newest()
@@ -198,7 +222,7 @@ class FailWindow(Record):
         Calls skipped since a record (failed retries) are not in its windows:
 
         >>> v = FailWindow(4)
-        >>> v.add(1.0, 10); v.add(2.0, 20)
+        >>> v.add_failure(1.0, 10); v.add_failure(2.0, 20)
         >>> v.scan(30, 3.0, 0.01, 1, 0.0, 60.0, 0.0)[:2]
         (1, 20)
         >>> for _ in range(5):
@@ -268,10 +292,10 @@ class FailWindow(Record):
 
         >>> w = FailWindow(16)
         >>> for t in (0.0, 10.0, 20.0):
-        ...     w.add(t, int(t), UPSTREAM)
+        ...     w.add_failure(t, int(t), UPSTREAM)
         >>> for t in (500.0, 505.0, 510.0):
-        ...     w.add(t, int(t), CLIENT)
-        >>> w.add(512.0, 512, UPSTREAM)
+        ...     w.add_failure(t, int(t), CLIENT)
+        >>> w.add_failure(512.0, 512, UPSTREAM)
         >>> w.recent_client_share(515.0, 60.0), w.client_share(6)
         (0.75, 0.42857142857142855)
         """

@@ -13,10 +13,10 @@ from __future__ import annotations
 import math
 from typing import Any, Final
 
-from .baselines import LogBaseline, alpha_for_halflife, ew_first
+from .baselines import alpha_for_halflife, ew_first
 from .config import Settings
 from .record import Record
-from .reliability import FailWindow, HashWindow
+from .reliability import HashWindow
 from .volume import BUCKET_S, Volume
 
 INF: Final = float("inf")
@@ -41,6 +41,7 @@ class HotSettings:
         "cb_min_calls",
         "cb_min_growth",
         "cb_min_input",
+        "cfg",
         "cv_floor",
         "cv_guard",
         "cv_on",
@@ -87,6 +88,7 @@ class HotSettings:
     )
 
     def __init__(self, cfg: Settings) -> None:
+        self.cfg = cfg  # (a consumer reaches its settings through here: one pointer less)
         fc = cfg.failure_spike
         self.fs_short_tau: float = fc.short_tau_s
         self.fs_long_tau: float = fc.long_tau_s
@@ -153,12 +155,13 @@ class HotSettings:
 
 class ConsumerState(Volume):
     """One tracked consumer.  It *is* its :class:`~detectors.volume.Volume`
-    (the 60 s / 5 min rate windows of token_spike and cost_spike), so that a
-    consumer costs one object plus a few small records."""
+    (the 60 s / 5 min rate windows of token_spike and cost_spike), which is
+    its :class:`~detectors.reliability.FailWindow` (its last failures, for
+    failure_spike), so that a consumer costs one object plus a few small
+    records."""
 
     __slots__ = (
         "calls",
-        "cfg",
         "cpm_mean",
         "cpm_var",
         "f_base",
@@ -166,7 +169,6 @@ class ConsumerState(Volume):
         "first_ts",
         "fl",
         "fs",
-        "fwin",
         "hot",
         "key",
         "last_ts",
@@ -175,13 +177,10 @@ class ConsumerState(Volume):
         "m_fail",
         "m_tok",
         "mb1",
-        "model1",
-        "models",
         "n_base",
         "nl",
         "ns",
-        "run_calls",
-        "run_tok",
+        "run",
         "sz_fn",
         "sz_fsum",
         "sz_mean",
@@ -202,7 +201,6 @@ class ConsumerState(Volume):
         Volume.__init__(self, ts)
         self.key = key
         self.tenant = tenant
-        self.cfg = cfg
         self.hot = hot if hot is not None else HotSettings(cfg)
         # The per-event figures are plain float attributes: compiled, a
         # native class stores them unboxed (8 bytes each, as in an array) and
@@ -245,20 +243,23 @@ class ConsumerState(Volume):
         self.m_calls = 0
         self.tok_n = 0
         self.calls = 0
-        self.fwin: FailWindow | None = None  # last failures (failure_spike), lazily
-        # call-size baselines per model: the first model inline, others in a dict
-        self.model1: str | None = None
+        # call-size baselines per model, a chain in the order the models were
+        # first seen (ModelCallBaseline.nxt): most consumers use one model, a
+        # fifth two; a dict of the others cost 184 bytes
         self.mb1: ModelCallBaseline | None = None
-        self.models: dict[str, ModelCallBaseline] | None = None
-        # agent runs: EW of log(calls) and log(tokens) per completed run (from the first)
-        self.run_calls: LogBaseline | None = None
-        self.run_tok: LogBaseline | None = None
+        # agent runs: EW of log(calls) (t_) and log(tokens) (l_) per
+        # completed normal run, from the first
+        self.run: LogPair | None = None
 
     def __getstate__(self) -> tuple[None, dict[str, Any]]:
         # the settings come from the config at restore (Engine.restore)
         st = Volume.__getstate__(self)
         st[1].pop("hot", None)
         return st
+
+    @property
+    def cfg(self) -> Settings:
+        return self.hot.cfg
 
     def tok_update(self, x: float, a: float) -> None:
         """Learn a minute's tokens ``x`` (``a``: the EW weight)."""
@@ -279,44 +280,46 @@ class ConsumerState(Volume):
 
     def model_baseline(self, model: str) -> ModelCallBaseline:
         """The (consumer, model) call-size baseline, created on first use."""
-        if model == self.model1:
-            return self.mb1  # type: ignore[return-value]
-        if self.model1 is None:
-            self.model1 = model
-            b = self.mb1 = ModelCallBaseline()
+        b = self.mb1
+        if b is None:
+            b = self.mb1 = ModelCallBaseline(model)
             return b
-        ms = self.models
-        if ms is None:
-            ms = self.models = {}
-        b2 = ms.get(model)
-        if b2 is None:
-            b2 = ms[model] = ModelCallBaseline()
-        return b2
+        while b.model != model:
+            nxt = b.nxt
+            if nxt is None:
+                nxt = b.nxt = ModelCallBaseline(model)
+            b = nxt
+        return b
 
     def model_count(self) -> int:
-        return 0 if self.model1 is None else 1 + (len(self.models) if self.models else 0)
+        n = 0
+        b = self.mb1
+        while b is not None:
+            n += 1
+            b = b.nxt
+        return n
 
     def model_items(self) -> list[tuple[str, ModelCallBaseline]]:
         """(model, baseline) in the order the models were first seen."""
-        if self.model1 is None:
-            return []
-        out = [(self.model1, self.mb1)]
-        if self.models:
-            out.extend(self.models.items())
-        return out  # type: ignore[return-value]
+        out = []
+        b = self.mb1
+        while b is not None:
+            out.append((b.model, b))
+            b = b.nxt
+        return out
 
     def learn_run(self, calls: float, tokens: float) -> None:
         """A completed normal run teaches the run-length baselines."""
-        if self.run_calls is None:
-            self.run_calls = LogBaseline()
-            self.run_tok = LogBaseline()
-        self.run_calls.update(calls, 0.05, 0.995)
-        self.run_tok.update(tokens, 0.05, 0.995)  # type: ignore[union-attr]
+        r = self.run
+        if r is None:
+            r = self.run = LogPair()
+        r.t_update(calls, 0.05, 0.995)
+        r.l_update(tokens, 0.05, 0.995)
 
     @property
     def runs(self) -> int:
         """Completed normal runs (that taught the run-length baselines)."""
-        return 0 if self.run_calls is None else self.run_calls.n
+        return 0 if self.run is None else int(self.run.t_n)
 
     @property
     def minute(self) -> int:
@@ -324,38 +327,32 @@ class ConsumerState(Volume):
         return self.m
 
 
-class ModelCallBaseline(Record):
-    """Size and duration of one call, for one (consumer, model) or one model:
-    the :class:`~detectors.baselines.LogBaseline` recursion (log mean, log
-    variance, recent maximum, count) of the thinking (``t_``: reasoning
-    tokens, or output tokens for a model that reports no reasoning) and of the
-    duration in seconds (``l_``), written out as float attributes in one
-    record (compiled, a native class stores them unboxed: one object instead
-    of three, and no float boxed per read), and ``has_r``, 1.0 once the model
-    reported reasoning tokens.
+class LogPair(Record):
+    """Two :class:`~detectors.baselines.LogBaseline` recursions (log mean,
+    log variance, recent maximum, count) in one record, ``t_`` and ``l_``,
+    written out as float attributes (compiled, a native class stores them
+    unboxed: one object instead of three, and no float boxed per read).
+    A consumer's agent runs keep one: calls (``t_``) and tokens (``l_``) per
+    run; :class:`ModelCallBaseline` adds what a call-size baseline needs.
 
-    >>> b = ModelCallBaseline()
+    >>> from detectors.baselines import LogBaseline
+    >>> b = LogPair()
     >>> b.t_update(100.0, 0.02, 0.998); b.t_update(300.0, 0.02, 0.998)
     >>> ref = LogBaseline(); ref.update(100.0, 0.02, 0.998); ref.update(300.0, 0.02, 0.998)
-    >>> b.t_limit(5.0) == ref.limit(5.0), b.t_rmax == ref.rmax, int(b.t_n)
+    >>> b.t_limit(5.0) == ref.limit(5.0), b.t_high(5.0) == ref.high(5.0), int(b.t_n)
     (True, True, 2)
     """
 
-    __slots__ = ("has_r", "l_m", "l_n", "l_rmax", "l_v", "t_m", "t_n", "t_rmax", "t_v")
+    __slots__ = ("l_m", "l_n", "l_rmax", "l_v", "t_m", "t_n", "t_rmax", "t_v")
 
     def __init__(self) -> None:
         self.t_m = self.t_v = self.t_rmax = self.t_n = 0.0
         self.l_m = self.l_v = self.l_rmax = self.l_n = 0.0
-        self.has_r = 0.0
-
-    @property
-    def has_reasoning(self) -> bool:
-        return self.has_r != 0.0
 
     # the two recursions are written out twice, not shared through a helper
     # taking the record's figures: this runs for most calls
     def t_update(self, x: float, a: float, decay: float) -> None:
-        """:meth:`LogBaseline.update` of the thinking."""
+        """:meth:`LogBaseline.update` of the first series."""
         lx = math.log1p(x)
         if self.t_n == 0:
             self.t_m = lx
@@ -370,7 +367,7 @@ class ModelCallBaseline(Record):
         self.t_n += 1.0
 
     def l_update(self, x: float, a: float, decay: float) -> None:
-        """:meth:`LogBaseline.update` of the duration."""
+        """:meth:`LogBaseline.update` of the second series."""
         lx = math.log1p(x)
         if self.l_n == 0:
             self.l_m = lx
@@ -385,22 +382,58 @@ class ModelCallBaseline(Record):
         self.l_n += 1.0
 
     def t_limit(self, z: float, sd_floor: float = 0.25) -> float:
-        """:meth:`LogBaseline.limit` of the thinking."""
+        """:meth:`LogBaseline.limit` of the first series."""
         v = self.t_v
         sd = math.sqrt(v) if v > 0 else 0.0
         return math.expm1(self.t_m + z * max(sd, sd_floor))
 
     def l_limit(self, z: float, sd_floor: float = 0.25) -> float:
-        """:meth:`LogBaseline.limit` of the duration."""
+        """:meth:`LogBaseline.limit` of the second series."""
         v = self.l_v
         sd = math.sqrt(v) if v > 0 else 0.0
         return math.expm1(self.l_m + z * max(sd, sd_floor))
+
+    def t_high(self, z: float, sd_floor: float = 0.25) -> float:
+        """:meth:`LogBaseline.high` of the first series."""
+        lim = self.t_limit(z, sd_floor)
+        return lim if lim < self.t_rmax else self.t_rmax
+
+    def l_high(self, z: float, sd_floor: float = 0.25) -> float:
+        """:meth:`LogBaseline.high` of the second series."""
+        lim = self.l_limit(z, sd_floor)
+        return lim if lim < self.l_rmax else self.l_rmax
 
     def t_geomean(self) -> float:
         return math.expm1(self.t_m)
 
     def l_geomean(self) -> float:
         return math.expm1(self.l_m)
+
+
+class ModelCallBaseline(LogPair):
+    """Size and duration of one call, for one (consumer, model) or one model:
+    the thinking (``t_``: reasoning tokens, or output tokens for a model that
+    reports no reasoning) and the duration in seconds (``l_``) as a
+    :class:`LogPair`; ``has_r``, 1.0 once the model reported reasoning
+    tokens; the model's name and the consumer's next model's baseline
+    (``nxt``: a consumer's models are a chain, see :class:`ConsumerState`).
+
+    >>> b = ModelCallBaseline("m")
+    >>> b.l_update(2.5, 0.02, 0.998); round(b.l_geomean(), 9), b.has_reasoning, b.nxt
+    (2.5, False, None)
+    """
+
+    __slots__ = ("has_r", "model", "nxt")
+
+    def __init__(self, model: str = "") -> None:
+        LogPair.__init__(self)
+        self.has_r = 0.0
+        self.model = model
+        self.nxt: ModelCallBaseline | None = None
+
+    @property
+    def has_reasoning(self) -> bool:
+        return self.has_r != 0.0
 
 
 class RunState(Record):

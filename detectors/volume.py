@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 from typing import Final
 
-from .record import Record
+from .reliability import FailWindow
 
 BUCKET_S: Final = 10.0
 NB: Final = 6  # 10 s buckets in the 60 s window
@@ -79,13 +79,31 @@ def _enc(x: float) -> int:
     return 255 if q > 255 else (q if q > 0 else 1)
 
 
+def _put(p: bytes, i: int, q: int) -> bytes:
+    """``p`` with byte ``i`` set to ``q``.
+
+    >>> _put(bytes(3), 1, 7)
+    b'\\x00\\x07\\x00'
+    """
+    b = bytearray(p)
+    b[i] = q
+    return bytes(b)
+
+
 def _lower(q: int, step: int) -> int:
     """Code ``q`` a day later (``step`` codes less, not below 0)."""
     return q - step if q > step else 0
 
 
-class Volume(Record):
-    """Per-consumer rate windows (see the module doc)."""
+class Volume(FailWindow):
+    """Per-consumer rate windows (see the module doc).
+
+    A Volume is also the consumer's failure window (its base class, with
+    no ring until :meth:`~detectors.reliability.FailWindow.start`): one
+    record for the consumer's rate and failure windows, a class chain
+    because a compiled native class has one base.  The window's own object
+    and pointer cost 112 bytes more, at nearly every consumer (real
+    traffic's consumers nearly all fail sometime)."""
 
     __slots__ = ("b", "c0", "c1", "c2", "c3", "c4", "c5", "hits5", "hr", "m",
                  "max1_c", "max1_t", "max5_c", "max5_t", "mc0", "mc1", "mc2", "mc3", "mc4",
@@ -100,6 +118,7 @@ class Volume(Record):
                  "y0", "y1", "y2", "y3", "y4", "y5", "z0", "z1", "z2", "z3", "z4", "z5")
 
     def __init__(self, ts: float) -> None:
+        FailWindow.__init__(self, 0)
         self.b = int(ts // BUCKET_S)  # current bucket
         self.m = int(ts // 60.0)  # current minute (of the 5 min ring)
         # The two rings are shift registers of float attributes, by age (0:
@@ -196,7 +215,9 @@ class Volume(Record):
         # comes back at the same hour every day is that hour's normal, and
         # one that does not has halved by the next day.  Tokens only (cost
         # windows have no profile: see docs/detectors.md, State)
-        self.prof = bytearray(2 * NH + 2)  # + the codes of dh1, dh5
+        # (bytes, replaced when a code changes: 24 bytes less than a bytearray,
+        # and a code changes at most a few times an hour once the day is known)
+        self.prof = bytes(2 * NH + 2)  # + the codes of dh1, dh5
         self.hr = -1
 
     # ------------------------------------------------------------ per event
@@ -319,7 +340,7 @@ class Volume(Record):
         v = self.wt - mt
         hr = self.hr % NH
         if self.hr >= 0 and v > _DEC[self.prof[hr]]:
-            self.prof[hr] = _enc(v)
+            self.prof = _put(self.prof, hr, _enc(v))
         if learn_t:
             m = self.mean_t
             m += alpha * (self.t0 - m)
@@ -390,12 +411,13 @@ class Volume(Record):
         if hr == self.hr:
             return
         day_step = 256 if decay <= 0.0 else round(-8.0 * math.log2(decay))
-        p = self.prof
+        p = bytearray(self.prof)
         h = hr % NH
         nx = (h + 1) % NH
         for w in (0, NH):  # 60 s, 5 min
             q = p[w + h] = _lower(p[w + h], day_step)
             p[2 * NH + w // NH] = max(q, _lower(p[w + nx], day_step))
+        self.prof = bytes(p)
         self.hr = hr
 
     @property
@@ -492,7 +514,7 @@ class Volume(Record):
         new_block = m // NM - self.m // NM
         hr = NH + self.hr % NH
         if self.hr >= 0 and st > _DEC[self.prof[hr]]:
-            self.prof[hr] = _enc(st)
+            self.prof = _put(self.prof, hr, _enc(st))
         if learn_t:
             self.max5_t, self.p5t0, self.p5t1 = _pend(
                 self.max5_t, self.p5t0, self.p5t1, st, thr_t, d, new_block)

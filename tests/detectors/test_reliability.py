@@ -67,22 +67,30 @@ def test_binomial_tail_bound_is_tight_and_conservative(f, n, p):
 def test_windows_are_exact_rings():
     w = FailWindow(4)
     for k in range(6):
-        w.add(100.0 + k, 10 * k)
+        w.add_failure(100.0 + k, 10 * k)
     assert w.size == 4 and w.get(0) == (105000, 50)
     # anchored at the 3rd latest failure (call 30, left out): 2 failures in calls 31..60
     hit = w.scan(60, 106.0, 0.01, 2, 0.0, 3600, -1.0)
     assert hit is not None and hit[:2] == (2, 30)
     # a record is two words: time with class, call counter with skipped calls
     v = FailWindow(2)
-    v.add(1_900_000_000.5, -3, CLIENT)  # a timeout's window may start before call 0
+    v.add_failure(1_900_000_000.5, -3, CLIENT)  # a timeout's window may start before call 0
     for _ in range(70_000):
         v.skip()
     v.mark_newest()
     assert v.get(0) == (1_900_000_000_500, -3) and v.cls_of(0) == CLIENT | REPORTED
     assert v.skipped_since(0) == 70_000
-    v.add(1_900_000_001.0, 2**34)
+    v.add_failure(1_900_000_001.0, 2**34)
     assert v.get(0) == (1_900_000_001_000, 2**34) and v.get(1) == (1_900_000_000_500, -3)
     assert v.skipped_since(0) == 0 and v.cls_of(0) == UPSTREAM
+    # the ring holds its own count: the head until its last slot is written
+    u = FailWindow(3)
+    assert u.size == 0
+    u.add_failure(0.0, 0, CLIENT)  # at time 0 and call 0 the first word is the class
+    assert u.size == 1 and u.get(0) == (0, 0)
+    u.add_failure(1.0, 1)
+    u.add_failure(2.0, 2)
+    assert u.size == 3 and u.head == 0 and u.get(2) == (0, 0)
     h = HashWindow(3)
     for t, bad in ((0.0, False), (50.0, True), (70.0, True), (75.0, True)):
         h.add(t, bad)
@@ -91,6 +99,20 @@ def test_windows_are_exact_rings():
     h.add(78.0, False)
     h.add(79.0, True)
     assert h.count(60.0, 80.0) == (1, 1)
+
+
+def test_a_consumer_is_its_failure_window_with_a_ring_from_its_first_failure():
+    eng = Engine()
+    eng.observe(UsageEvent.model_validate(event(1, T0, "c")))
+    cs = eng._consumers["c"]
+    assert not cs.has_ring() and cs.size == 0
+    eng.observe(UsageEvent.model_validate(event(2, T0 + 1, "c", status=400, error="bad_request")))
+    k = DetectorConfig().settings.failure_spike.window_failures
+    assert cs.has_ring() and len(cs.r) == 2 * k and cs.size == 1
+    assert cs.get(0)[0] == int((T0 + 1) * 1000)
+    r = cs.r
+    cs.start(2 * k)  # a ring is allocated once
+    assert cs.r is r
 
 
 # ----------------------------------------------------------------- retry_storm

@@ -482,7 +482,7 @@ def test_a_burst_at_the_same_hour_every_day_is_that_hours_normal():
 def test_time_of_day_profile_codes_round_up_and_decay_per_day():
     v = Volume(0.0)
     v.enter_hour(9 * 3600.0, 0.5)
-    v.prof[9] = 80  # a 60 s high of about 1000 tokens at 09:00
+    v.prof = v.prof[:9] + bytes((80,)) + v.prof[10:]  # a 60 s high of ~1000 tokens at 09:00
     v.enter_hour(10 * 3600.0, 0.5)
     assert v.dh1 == 0.0  # nothing known for 10:00 / 11:00
     v.enter_hour(86400.0 + 8 * 3600.0, 0.5)  # next day, 08:00: 09:00 is the next hour
