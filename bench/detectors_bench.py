@@ -31,7 +31,8 @@ tracemalloc and snapshot size.
 generator's seed (6 h, ``--consumers``), each tracked consumer's own objects
 after the run (the objects it alone refers to, strings of the events it keeps
 included; settings and model names that consumers share are not counted):
-median, p90 and largest.
+median, p90 and largest, then the same by kind of consumer (how many models'
+call-size baselines it holds, agent-run baselines, a failure ring).
 """
 
 from __future__ import annotations
@@ -128,10 +129,10 @@ def per_consumer(n: int) -> tuple[float, float, float, float]:
         own_sizes(list(eng._consumers.values())[:2000]))
 
 
-def own_sizes(states: list[Any]) -> list[int]:
-    """Bytes of each consumer's own objects, sorted: what it alone refers
-    to (objects two consumers refer to, such as settings and model and
-    tenant names, are shared)."""
+def own_sizes(states: list[Any], order: bool = True) -> list[int]:
+    """Bytes of each consumer's own objects, sorted (``order``; else in the
+    order of ``states``): what it alone refers to (objects two consumers
+    refer to, such as settings and model and tenant names, are shared)."""
     from collections import Counter
     refs: Counter[int] = Counter()
     for cs in states:
@@ -139,7 +140,8 @@ def own_sizes(states: list[Any]) -> list[int]:
         _deep(cs, seen)
         refs.update(seen)
     shared = {i for i, c in refs.items() if c > 1}
-    return sorted(_deep(cs, set(shared) | {0}) for cs in states)
+    sizes = [_deep(cs, set(shared) | {0}) for cs in states]
+    return sorted(sizes) if order else sizes
 
 
 def _deep(o: object, seen: set[int]) -> int:
@@ -169,15 +171,20 @@ def _deep(o: object, seen: set[int]) -> int:
     return n
 
 
-def real_consumers(seed: int, consumers: int) -> list[int]:
+def real_consumers(seed: int, consumers: int) -> list[tuple[int, str]]:
     """Bytes of each tracked consumer's own objects after 6 h of the
-    held-out generator's traffic (see the module doc)."""
+    held-out generator's traffic (see the module doc), sorted, with what
+    kind of consumer it is (its models, agent runs, failure ring)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from evaluate_detectors import load
     evs, _, _ = load("holdout", seed, 6.0, consumers, cache=True)
     eng = Engine()
     feed(eng, evs)
-    return own_sizes(list(eng._consumers.values()))
+    states = list(eng._consumers.values())
+    kinds = [f"{cs.model_count()} model{'s' if cs.model_count() != 1 else ''}"
+             + (", agent runs" if cs.runs else "")
+             + (", failure ring" if cs.has_ring() else "") for cs in states]
+    return sorted(zip(own_sizes(states, order=False), kinds, strict=True))
 
 
 def compare(hours: float, consumers: int, runs: int, traffic: str = "sim", seed: int = 1) -> int:
@@ -225,11 +232,19 @@ def main() -> int:
     if a.compare:
         return compare(a.hours, a.consumers, a.runs, a.traffic, a.seed)
     if a.real is not None:
-        b = real_consumers(a.real, a.consumers)
+        sized = real_consumers(a.real, a.consumers)
+        b = [n for n, _ in sized]
         print(f"state of {len(b)} consumers after 6 h of held-out traffic (seed {a.real}, "
               f"{detectors.IMPLEMENTATION}): median {statistics.median(b):.0f} bytes, "
               f"p90 {b[int(0.9 * len(b))]}, largest {b[-1]}; over 2 KiB: "
               f"{sum(1 for x in b if x > 2048)}")
+        groups: dict[str, list[int]] = {}
+        for n, kind in sized:
+            groups.setdefault(kind, []).append(n)
+        for kind, ns in sorted(groups.items(), key=lambda g: statistics.median(g[1])):
+            many = "s" if len(ns) != 1 else ""
+            print(f"  {kind}: {len(ns)} consumer{many}, "
+                  f"median {statistics.median(ns):.0f} bytes, largest {ns[-1]}")
         return 0
     if a.memory_only:
         r, t, s, o = per_consumer(a.big)
