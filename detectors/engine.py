@@ -63,7 +63,8 @@ from .volume import (
 # 10 s bucket; 14: both rings are attributes (shift registers by age), no array;
 # the repeat and run tables keyed by (consumer, hash / run) tuples; 15: failure
 # rings count skipped calls; 16: the token series is two floats, no river
-# object; failure rings are one array; heavy-hitter sources are digests
+# object; failure rings are one array; heavy-hitter sources are digests; 17: the
+# consumer is its failure window, its models a chain, its run baselines one record
 SNAPSHOT_VERSION: Final = 17
 TICK_S: Final = 15.0
 SWEEP_S: Final = 60.0

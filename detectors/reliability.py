@@ -99,7 +99,7 @@ class FailWindow(Record):
     real traffic has (432 bytes compiled at k = 16; 913 in four arrays).
     A consumer's record *is* its failure window (see
     :class:`~detectors.volume.Volume`), whose ring it allocates at its
-    first counted failure (:meth:`start`): 320 bytes then, where a window
+    first counted failure (:meth:`start`): 336 bytes then, where a window
     of its own cost 432.  The number of records is not kept: a record's
     first word is never 0 (its class is not), so a ring whose last slot is
     0 has not wrapped yet.
