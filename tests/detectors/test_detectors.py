@@ -753,6 +753,43 @@ def test_eviction_bounds_state():
     assert eng.tracked_consumers() == 1
 
 
+def test_consumers_share_names_and_chain_their_models():
+    """A consumer keeps the engine's one copy of its tenant's and models'
+    names (each event brings its own string), its models' call-size
+    baselines in the order first seen, and the run baselines in one record;
+    all of it survives a snapshot."""
+    def ev(i: int, c: str, m: str) -> UsageEvent:
+        # names built at run time: each event holds strings of its own (as
+        # events decoded one by one may; validation can return shared ones)
+        e = UsageEvent.model_validate(event(i, T0 + i, c, model=m, tenant="acme"))
+        return e.model_copy(update={"model": "".join(list(m)), "tenant": "".join(list("acme"))})
+
+    models = ("m-a", "m-b", "m-c")
+    evs = [ev(10 * n + k, c, m) for n, c in enumerate(("c1", "c2"))
+           for k, m in enumerate(models * 2)]
+    assert evs[0].tenant is not evs[-1].tenant and evs[0].model is not evs[3].model
+    eng = Engine()
+    for e in evs:
+        eng.observe(e)
+    c1, c2 = eng._consumers["c1"], eng._consumers["c2"]
+    assert c1.tenant == "acme" and c1.tenant is c2.tenant
+    assert [m for m, _ in c1.model_items()] == list(models) and c1.model_count() == 3
+    for (m1, b1), (m2, b2) in zip(c1.model_items(), c2.model_items(), strict=True):
+        assert m1 is m2 and b1 is not b2 and b1.t_n == 2
+    assert c1.model_baseline("m-b") is c1.model_items()[1][1]
+    c1.learn_run(5, 2000)
+    c1.learn_run(9, 4000)
+    assert c1.runs == 2 and c1.run is not None and (c1.run.t_rmax, c1.run.l_rmax) == (9, 4000)
+    back = Engine.restore(eng.snapshot())
+    r1, r2 = back._consumers["c1"], back._consumers["c2"]
+    assert r1.tenant is r2.tenant and r1.runs == 2 and r1.cfg is back.config.settings
+    assert [(m, b.t_n) for m, b in r1.model_items()] == [(m, 2) for m in models]
+    # a consumer new after the restore shares the restored names
+    back.observe(ev(99, "c3", "m-a"))
+    c3 = back._consumers["c3"]
+    assert c3.tenant is r1.tenant and c3.model_items()[0][0] is r1.model_items()[0][0]
+
+
 def test_the_token_series_is_rivers_ewvar_in_two_floats():
     """The per-minute token baseline keeps river's EWMean and EWVar as two
     floats (a river object per consumer costs about 370 bytes of a 2 KiB
