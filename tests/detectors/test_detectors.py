@@ -788,6 +788,11 @@ def test_consumers_share_names_and_chain_their_models():
     back.observe(ev(99, "c3", "m-a"))
     c3 = back._consumers["c3"]
     assert c3.tenant is r1.tenant and c3.model_items()[0][0] is r1.model_items()[0][0]
+    # an endless stream of names does not grow the table without bound
+    from detectors.engine import MAX_NAMES
+    for i in range(MAX_NAMES + 10):
+        assert back._name(f"tenant-{i}") == f"tenant-{i}"
+    assert len(back._names) <= MAX_NAMES
 
 
 def test_the_token_series_is_rivers_ewvar_in_two_floats():
