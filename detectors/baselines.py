@@ -7,8 +7,8 @@
   variance of its bursts and silences.
 * :class:`EW` -- an EW mean and variance in two floats (the incremental
   form), for the call rate and call sizes.
-* :class:`LogBaseline` -- per (consumer, model) log-scale EW mean/variance and
-  a slowly decaying maximum, for the size of one call.
+* (the log-scale baselines of call sizes and agent runs are
+  :class:`~detectors.state.LogPair` records)
 * :func:`binom_surprise` -- the Chernoff bound of a one-sided binomial test.
 
 >>> a, m = alpha_for_halflife(60), 0.0
@@ -88,56 +88,6 @@ class EW(Record):
 def ew_sd(var: float) -> float:
     """:meth:`EW.sd` of an EW kept as two floats elsewhere."""
     return math.sqrt(var) if var > 0 else 0.0
-
-
-class LogBaseline(Record):
-    """Size of one call for a (consumer, model): EW mean/variance of log(x)
-    and a decaying maximum (the largest normal call seen lately)."""
-
-    __slots__ = ("lmean", "lvar", "n", "rmax")
-
-    def __init__(self) -> None:
-        self.lmean = 0.0
-        self.lvar = 0.0
-        self.rmax = 0.0
-        self.n = 0
-
-    def update(self, x: float, a: float, decay: float) -> None:
-        lx = math.log1p(x)
-        if self.n == 0:
-            self.lmean = lx
-        else:
-            d = lx - self.lmean
-            inc = a * d
-            self.lmean += inc
-            self.lvar = (1.0 - a) * (self.lvar + d * inc)
-        r = self.rmax * decay
-        self.rmax = x if x > r else r
-        self.n += 1
-
-    def limit(self, z: float, sd_floor: float = 0.25) -> float:
-        """exp(mean + z * sd) - 1 of the log values, in the original unit."""
-        sd = math.sqrt(self.lvar) if self.lvar > 0 else 0.0
-        return math.expm1(self.lmean + z * max(sd, sd_floor))
-
-    def high(self, z: float, sd_floor: float = 0.25) -> float:
-        """The usual high: :meth:`limit`, but never above the largest recent
-        value.  A log-normal fitted to a bounded or mixed distribution (agent
-        runs of 1 to 30 calls, a few tiny failed runs) puts its tail far
-        beyond anything seen: the fit said 56 calls and 7.2M tokens for a
-        consumer whose longest runs were 25 calls and 173k tokens.
-
-        >>> b = LogBaseline()
-        >>> for x in [1, 30, 2, 25, 8, 3, 28, 1, 12, 30] * 3:
-        ...     b.update(x, 0.05, 0.995)
-        >>> round(b.limit(2.33)), round(b.high(2.33))
-        (100, 30)
-        """
-        lim = self.limit(z, sd_floor)
-        return lim if lim < self.rmax else self.rmax
-
-    def geomean(self) -> float:
-        return math.expm1(self.lmean)
 
 
 def binom_surprise(f: float, n: float, p0: float) -> float:

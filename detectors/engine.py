@@ -1734,7 +1734,7 @@ class Engine:
         agent_loop: a run (trace_id, else session_id) with more answered calls
         than max(min_calls, ratio x the consumer's long run), the long run being
         exp(mean + 2.33 sd) of log(calls) over the consumer's completed runs,
-        capped by the longest recent one (``LogBaseline.high``; before
+        capped by the longest recent one (``LogPair.t_high``; before
         ``warmup_runs`` runs: ``guard_calls``), or more tokens than
         max(min_tokens, token_ratio x the same for tokens) (before
         ``warmup_runs`` runs: ``guard_tokens``).  Critical (block)
