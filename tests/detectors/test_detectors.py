@@ -12,6 +12,7 @@ from detectors import DetectorConfig, Engine, Finding
 from detectors.scoring import format_report, score
 from ingest.event import UsageEvent
 
+from .drive import first
 from .extreme import extreme_events
 from .synth import T0, Synth, event, iso, thinking_calls
 
@@ -367,6 +368,47 @@ def test_failures_deferred_only_because_others_fail_too_still_teach_the_baseline
     described = eng.describe("s")
     assert described is not None
     assert described["failure_rate"] == pytest.approx(1 / 15, rel=0.1)
+
+
+def _busy_consumer_and_small_one(b_from: float, s_from: float, everyone: bool = False
+                                 ) -> list[dict]:
+    """Six consumers of gpt-4o-mini (a call every 2 s) failing one call in 20, a busy one, "b"
+    (a call a second), and a small one, "s" (one every 10 s), for 2 hours;
+    9 in 10 of b's calls fail for 40 minutes from ``b_from`` s, 4 in 5 of
+    s's for 5 minutes from ``s_from`` s (when ``everyone``, 4 in 5 of every
+    consumer's calls fail from ``s_from`` too: an outage)."""
+    evs = []
+    for c in range(6):
+        evs += steady(f"m{c}", 3600, gap=2.0, model="gpt-4o-mini", i0=c * 10_000,
+                      start=T0 + 0.3 * c)
+    evs += steady("b", 7200, gap=1.0, model="gpt-4o-mini", i0=100_000)
+    evs += steady("s", 720, gap=10.0, model="gpt-4o-mini", i0=200_000, start=T0 + 0.5)
+    for d in evs:
+        t = UsageEvent.model_validate(d).ts.timestamp() - T0
+        k = int(d["event_id"][1:])
+        c = d["consumer"]
+        fail = ((c.startswith("m") and k % 20 == 0)
+                or (c == "b" and b_from <= t < b_from + 2400 and k % 10 < 9)
+                or ((c == "s" or everyone) and s_from <= t < s_from + 300 and k % 5 < 4))
+        if fail:
+            d.update(status=503, error="upstream_5xx", output_tokens=0)
+    return sorted(evs, key=lambda d: d["ts"])
+
+
+def test_one_consumers_own_incident_does_not_hide_anothers_failure_spike():
+    # b's broken client holds most of the model's failures.  s's failures
+    # 15 minutes into it are s's own: b's incident was reported long
+    # before, so they are not deferred to a model scope that never fires
+    # (held-out seeds 11, 12 and 36: four labelled spikes missed that way)
+    fs = first(run(_busy_consumer_and_small_one(3600.0, 4500.0)), "failure_spike")
+    assert [(f.scope, f.subject) for f in fs] == [("consumer", "b"), ("consumer", "s")]
+    assert (fs[1].detected_at.timestamp() - T0 - 4500.0) <= 120.0
+    # at an outage's start the busiest consumer's finding is seconds old: the
+    # small consumers' failures are still the model's, not theirs
+    fs = first(run(_busy_consumer_and_small_one(4500.0, 4500.0, everyone=True)),
+               "failure_spike")
+    assert ("model", "gpt-4o-mini") in [(f.scope, f.subject) for f in fs]
+    assert [f.subject for f in fs if f.scope == "consumer"] in ([], ["b"])
 
 
 def test_a_reported_spikes_failures_are_no_evidence_of_a_new_one():
