@@ -113,6 +113,11 @@ class RunawayConfig:
     # The largest of a few calls sits 1-1.5 log sd below a warm baseline's
     # recent maximum, so 25x it is about as strict as extreme_max_ratio(_output)
     # x a warm maximum (10x fired on a heavy-tailed consumer's 20x-typical answer).
+    # The largest of more calls sits closer to it: the ratio falls log-linearly
+    # with the calls, to extreme_max_ratio(_output) at warmup_calls (about 10x
+    # at 21 calls; a flat 25x missed a light thinker's 25k-token runaway at
+    # 20x the largest of its 21 calls, and the 25k it then learnt hid the
+    # attack's six calls after it: held-out seed 36).
     # The same for a reasoning model's duration (from min_latency_s), on a
     # call that also thought min_tokens and ratio_to_recent_max x the most of
     # them: 25x a light thinker's slowest call is far from its heavy-thinking

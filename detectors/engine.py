@@ -1721,8 +1721,16 @@ class Engine:
                     rule = "latency"
         if (not rule and rcfg.young_min_calls <= b.t_n < rcfg.warmup_calls
                 and think >= min_tok):
-            # a warming-up baseline's own calls: far above the largest of them
-            ybar = max(min_tok, rcfg.young_max_ratio * b.t_rmax,
+            # a warming-up baseline's own calls: far above the largest of them.
+            # The largest of n calls nears a warm baseline's recent maximum as
+            # n grows, so the ratio falls, log-linearly, from young_max_ratio
+            # at young_min_calls to extreme_max_ratio(_output) at warmup_calls
+            span = float(rcfg.warmup_calls - rcfg.young_min_calls)
+            w_ = (b.t_n - rcfg.young_min_calls) / span if span > 0 else 1.0
+            yr = rcfg.young_max_ratio ** (1.0 - w_) * (
+                rcfg.extreme_max_ratio if b.has_reasoning
+                else rcfg.extreme_max_ratio_output) ** w_
+            ybar = max(min_tok, yr * b.t_rmax,
                        rcfg.ratio_to_mean * b.t_geomean())
             if think >= ybar:
                 rule, bar, young = "tokens", ybar, True
@@ -1733,7 +1741,7 @@ class Engine:
                 # also thought more than any of them (a slow call of ordinary
                 # thinking is upstream latency).  The model-wide stand-in's
                 # bars are its heavy thinkers' long calls
-                ybar = max(rcfg.min_latency_s, rcfg.young_max_ratio * b.l_rmax,
+                ybar = max(rcfg.min_latency_s, yr * b.l_rmax,
                            rcfg.ratio_to_mean * b.l_geomean())
                 if lat >= ybar:
                     rule, bar, young = "latency", ybar, True

@@ -149,31 +149,62 @@ def test_a_warming_up_consumers_own_calls_judge_a_runaway():
     assert kinds(run(evs, off)) == []
 
 
+def _young_ratio(calls: int) -> float:
+    """The young rule's ratio to the largest call: 25 at 5 calls, falling
+    log-linearly to the warm rule's 6 at 30 (reasoning models)."""
+    w = (calls - 5) / 25
+    return float(25 ** (1 - w) * 6 ** w)
+
+
+def test_the_young_ratio_falls_as_a_consumers_calls_grow():
+    # a light thinker's 21 calls (200-390 tokens and one of 1,232) then one of
+    # 25k tokens: 20x the largest, past the ratio at 21 calls (10.1x), though
+    # under a flat 25x (held-out seed 36: the 25k, learnt, then hid the six
+    # calls of an attack after it)
+    heavy = [event(8000 + k, T0 + 30 * k, "h", "o3-mini", reasoning_tokens=12_000,
+                   output_tokens=12_600, request_hash=f"hv{k}") for k in range(100)]
+    sizes = [200 + 10 * k for k in range(20)] + [1232]
+    light = [event(9000 + k, T0 + 2400 + 20 * k, "l", "o3-mini", reasoning_tokens=sz,
+                   output_tokens=sz + 300, request_hash=f"l{k}") for k, sz in enumerate(sizes)]
+    big = event(9100, T0 + 2900, "l", "o3-mini", reasoning_tokens=25_000, output_tokens=25_600,
+                request_hash="lb")
+    evs = sorted(_model_users(T0, 2500) + heavy + light + [big], key=lambda d: d["ts"])
+    fs = [f for f in run(evs) if f.kind == "runaway_reasoning" and f.revision == 0]
+    assert [(f.consumer, f.evidence["baseline_calls"]) for f in fs] == [("l", 21)]
+    assert fs[0].threshold == pytest.approx(_young_ratio(21) * 1232, rel=0.01)
+    # after 6 of those calls (the largest the same 1,232) the ratio is 23.6x:
+    # 25k is no runaway on so little evidence
+    few = [e for e in evs if e["consumer"] != "l" or e is big or e["event_id"] in (
+        "e9000", "e9001", "e9002", "e9003", "e9004", "e9020")]
+    assert kinds(run(few)) == []
+
+
 def test_a_warming_up_consumers_own_calls_judge_a_slow_runaway():
-    # a light thinker new to the model (20 calls of ~400 tokens, 20 s) has a
+    # a light thinker new to the model (6 calls of ~400 tokens, 20 s) has a
     # call think 9k tokens for 1244 s; the model also serves a heavy
     # thinker (12k tokens, 500 s), so the stand-in's bars (1.5x its largest
     # call for the 600 s guardrail, 3x its slowest for duration) are above
-    # it, and 9k tokens are under 25x the consumer's largest call: its own
-    # calls' durations say the call ran 60x their slowest
+    # it, and 9k tokens are under 23.6x the consumer's largest call (the
+    # young ratio at 6 calls): its own calls' durations say the call ran 60x
+    # their slowest
     heavy = [event(8000 + k, T0 + 30 * k, "h", "o3-mini", reasoning_tokens=12_000,
                    output_tokens=12_600, latency_ms=500_000, request_hash=f"hv{k}")
              for k in range(100)]
     light = [event(9000 + k, T0 + 2400 + 20 * k, "l", "o3-mini", reasoning_tokens=380 + 2 * k,
                    output_tokens=700, latency_ms=20_000, request_hash=f"l{k}")
-             for k in range(20)]
+             for k in range(6)]
     slow = event(9100, T0 + 2900, "l", "o3-mini", reasoning_tokens=9_000, output_tokens=9_300,
                  latency_ms=1_244_000, request_hash="lb")
     evs = sorted(_model_users(T0, 2500) + heavy + light + [slow], key=lambda d: d["ts"])
     fs = [f for f in run(evs) if f.kind == "runaway_reasoning" and f.revision == 0]
     assert [(f.consumer, f.evidence["rule"]) for f in fs] == [("l", "latency")]
     assert fs[0].observed == pytest.approx(1244.0)
-    assert fs[0].threshold == pytest.approx(25 * 20.0, rel=0.01)  # 25x its slowest call
+    assert fs[0].threshold == pytest.approx(_young_ratio(6) * 20.0, rel=0.01)  # x its slowest
     assert "o3-mini call ran 1244 s (typical 3" in fs[0].summary
     # as slow, but thinking no more than min_tokens: upstream latency, nothing
     little = dict(slow, reasoning_tokens=3_000, output_tokens=3_300)
     assert kinds(run([little if e is slow else e for e in evs])) == []
-    # thinking as much, but 400 s (20x its slowest, under 25x): nothing
+    # thinking as much, but 400 s (20x its slowest, under 23.6x): nothing
     quicker = dict(slow, latency_ms=400_000)
     assert kinds(run([quicker if e is slow else e for e in evs])) == []
     # ... and without the young rules the stand-in alone misses it
