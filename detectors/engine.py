@@ -1272,9 +1272,9 @@ class Engine:
         for fails in (ms.curf, ms.prevf):
             for c in fails:
                 if c != consumer:
-                    fc_ = ms.failures(c)
-                    if fc_ > top_f:
-                        top, top_f = c, fc_
+                    nf = ms.failures(c)
+                    if nf > top_f:
+                        top, top_f = c, nf
         top_n = ms.window(top)[0]
         if (rest_f - top_f >= 2 and rest_n > top_n
                 and (rest_f - top_f) / (rest_n - top_n) >= bar):
